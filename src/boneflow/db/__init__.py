@@ -1,0 +1,1 @@
+"""The SQL audit log: schema, append-only API, migrations."""

@@ -1,0 +1,1 @@
+"""DICOM protocol and objects in and out: listener, spool, send, pixels, SR and SC."""

@@ -1,0 +1,1 @@
+"""Networks, preprocessing transforms, the model registry, inference and Grad-CAM."""

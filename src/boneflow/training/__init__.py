@@ -1,0 +1,1 @@
+"""Synthetic radiographs, data set adapters, MONAI training, evaluation and reports."""

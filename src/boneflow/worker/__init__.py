@@ -1,0 +1,1 @@
+"""Celery app, tasks, study settle, outbox dispatch and the serve/listen wiring."""

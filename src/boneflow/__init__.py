@@ -1,4 +1,4 @@
-"""boneflow: a DICOM node that gives a fracture second opinion on radiographs (not for diagnostic use)."""
+"""boneflow: a fracture second opinion on radiographs, as a DICOM node (not for diagnostic use)."""
 
 from importlib.metadata import PackageNotFoundError, version
 

@@ -79,8 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"boneflow {__version__}")
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
 
-    def command(name: str, handler: Handler, help_text: str, *parents: argparse.ArgumentParser):
-        p = sub.add_parser(name, help=help_text, description=help_text, parents=[common, *parents])
+    def command(
+        name: str, handler: Handler, help_text: str, *parents: argparse.ArgumentParser
+    ) -> argparse.ArgumentParser:
+        p: argparse.ArgumentParser = sub.add_parser(
+            name, help=help_text, description=help_text, parents=[common, *parents]
+        )
         p.set_defaults(handler=handler)
         return p
 

@@ -16,15 +16,17 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 
-_context: contextvars.ContextVar[dict[str, object]] = contextvars.ContextVar(
-    "boneflow_log_context", default={}
+_context: contextvars.ContextVar[dict[str, object] | None] = contextvars.ContextVar(
+    "boneflow_log_context", default=None
 )
 
 
 @contextmanager
 def log_context(**fields: object) -> Iterator[None]:
     """Add fields (``study_instance_uid``, ``job_id`` ...) to every log line inside."""
-    token = _context.set({**_context.get(), **{k: v for k, v in fields.items() if v is not None}})
+    token = _context.set(
+        {**(_context.get() or {}), **{k: v for k, v in fields.items() if v is not None}}
+    )
     try:
         yield
     finally:
@@ -45,7 +47,7 @@ def configure_logging(level: str = "INFO", as_json: bool = False) -> None:
 
 class _ContextFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        record.context = _context.get()
+        record.context = _context.get() or {}
         return True
 
 

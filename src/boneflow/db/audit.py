@@ -266,11 +266,13 @@ class Audit:
         try:
             job_id = self._append(
                 job,
-                lambda job_id: [
-                    JobInstance(job_id=job_id, sop_instance_uid=uid, instance_id=instance_id)
-                    for uid, instance_id in instances
-                ]
-                + [JobStateChange(job_id=job_id, state=str(JobState.QUEUED), attempt=0)],
+                lambda job_id: (
+                    [
+                        JobInstance(job_id=job_id, sop_instance_uid=uid, instance_id=instance_id)
+                        for uid, instance_id in instances
+                    ]
+                    + [JobStateChange(job_id=job_id, state=str(JobState.QUEUED), attempt=0)]
+                ),
             )
         except IntegrityError:  # another process created it between our check and insert
             found = self.job_id_for_key(key)
@@ -481,9 +483,7 @@ class Audit:
 
     # ---- internals ----------------------------------------------------------------
 
-    def _append(
-        self, row: _Row, followers: Callable[[int], list[ChainedRow]] | None = None
-    ) -> int:
+    def _append(self, row: _Row, followers: Callable[[int], list[ChainedRow]] | None = None) -> int:
         """Append ``row`` (and rows made from its id) to the chain in one transaction."""
         for attempt in range(20):
             try:
@@ -496,7 +496,9 @@ class Audit:
                         session.add(head)
                     now = datetime.now(UTC)
                     first = row
-                    for link in [row, *(followers(head.seq + 1) if followers else [])]:
+                    links: list[ChainedRow] = [row]
+                    links += followers(head.seq + 1) if followers else []
+                    for link in links:
                         link.id = head.seq + 1
                         link.recorded_at = now
                         link.prev_hash = head.hash
@@ -555,7 +557,9 @@ def _entry(session: Session, row: ChainedRow) -> AuditEntry:
     if isinstance(row, Association):
         event_name = "association"
         status = "accepted" if row.accepted else "refused"
-        detail = f"{row.calling_ae_title}@{row.peer_address}:{row.peer_port} -> {row.called_ae_title}"
+        detail = (
+            f"{row.calling_ae_title}@{row.peer_address}:{row.peer_port} -> {row.called_ae_title}"
+        )
         if row.reason:
             detail += f" ({row.reason})"
     elif isinstance(row, Instance):
@@ -611,11 +615,11 @@ def _studies_of_patient(session: Session, patient_id: str | None) -> set[str] | 
 def _matches(entry: AuditEntry, filters: TrailFilter, studies: set[str] | None) -> bool:
     if filters.status is not None and entry.status != filters.status:
         return False
-    if filters.study_instance_uid is not None:
-        if entry.study_instance_uid != filters.study_instance_uid:
-            return False
-    if studies is not None:
-        if entry.patient_id != filters.patient_id and entry.study_instance_uid not in studies:
-            return False
-    return True
-
+    study = filters.study_instance_uid
+    if study is not None and entry.study_instance_uid != study:
+        return False
+    return not (
+        studies is not None
+        and entry.patient_id != filters.patient_id
+        and entry.study_instance_uid not in studies
+    )

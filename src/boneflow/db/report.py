@@ -61,7 +61,12 @@ def _verify(audit: Audit, *, as_json: bool) -> int:
     if as_json:
         print(
             json.dumps(
-                {"ok": not problems, "rows": seq, "head": head, "problems": [str(p) for p in problems]}
+                {
+                    "ok": not problems,
+                    "rows": seq,
+                    "head": head,
+                    "problems": [str(p) for p in problems],
+                }
             )
         )
     else:

@@ -1,0 +1,326 @@
+"""The model registry on disk: ``<MODEL_DIR>/<name>/<version>/{model.safetensors, manifest.json}``.
+
+Weights are safetensors (no code runs when they load); the manifest names the network,
+labels, preprocessing, operating threshold, metrics and the sha256 of the weights, which is
+checked on every load. A version folder is written under a temporary name and renamed into
+place, so a reader never sees half a model; versions are never overwritten.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save_file
+from torch import nn
+
+from boneflow.config import Settings
+from boneflow.errors import ModelIntegrityError, ModelNotFound
+from boneflow.models.networks import build_network
+
+log = logging.getLogger(__name__)
+
+MANIFEST_FILE = "manifest.json"
+WEIGHTS_FILE = "model.safetensors"
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+
+Task = Literal["router", "fracture"]
+FRACTURE_LABELS: tuple[str, str] = ("no_fracture", "fracture")
+
+
+@dataclass(frozen=True)
+class ModelManifest:
+    """What a registered model is, how to feed it and how far to trust it.
+
+    ``labels`` are the output classes in order (router: body parts; fracture:
+    ``("no_fracture", "fracture")``). ``body_parts`` are the parts the model covers.
+    ``threshold`` is, for a fracture model, the operating threshold on P(fracture); for a
+    router, the minimum confidence to accept a part. ``preprocessing`` is
+    :meth:`boneflow.models.transforms.PreprocessParams.to_dict`.
+    """
+
+    name: str
+    version: str
+    task: Task
+    architecture: str
+    labels: tuple[str, ...]
+    body_parts: tuple[str, ...]
+    input_size: int = 224
+    preprocessing: Mapping[str, Any] = field(default_factory=dict)
+    threshold: float = 0.5
+    metrics: Mapping[str, Any] = field(default_factory=dict)
+    data_fingerprint: str = ""
+    created_at: str = ""
+    training: Mapping[str, Any] = field(default_factory=dict)
+    weights_file: str = WEIGHTS_FILE
+    weights_sha256: str = ""
+
+    def __post_init__(self) -> None:
+        for what, value in (("name", self.name), ("version", self.version)):
+            if not _NAME_RE.match(value):
+                raise ValueError(f"model {what} {value!r}: use letters, digits, '.', '_', '-'")
+        if self.task not in ("router", "fracture"):
+            raise ValueError(f"task must be 'router' or 'fracture', not {self.task!r}")
+        if self.task == "fracture" and tuple(self.labels) != FRACTURE_LABELS:
+            raise ValueError(f"a fracture model's labels must be {FRACTURE_LABELS}")
+        if len(self.labels) < 2:
+            raise ValueError("a model needs at least two labels")
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(f"threshold must be within 0..1, not {self.threshold}")
+
+    @property
+    def model_id(self) -> str:
+        """``name@version``."""
+        return f"{self.name}@{self.version}"
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (what ``manifest.json`` holds)."""
+        data = asdict(self)
+        data["labels"] = list(self.labels)
+        data["body_parts"] = list(self.body_parts)
+        data["preprocessing"] = dict(self.preprocessing)
+        data["metrics"] = dict(self.metrics)
+        data["training"] = dict(self.training)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ModelManifest:
+        """Read back :meth:`to_dict`; unknown keys are ignored."""
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        values["labels"] = tuple(values.get("labels", ()))
+        values["body_parts"] = tuple(values.get("body_parts", ()))
+        values["input_size"] = int(values.get("input_size", 224))
+        values["threshold"] = float(values.get("threshold", 0.5))
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A network with verified weights, in eval mode, and its manifest."""
+
+    network: nn.Module
+    manifest: ModelManifest
+
+
+class Registry:
+    """Models under one directory; cheap to create, reads the disk on every call."""
+
+    def __init__(self, model_dir: Path) -> None:
+        self.model_dir = Path(model_dir)
+
+    def register(self, network: nn.Module, manifest: ModelManifest) -> ModelManifest:
+        """Write the network's weights and the manifest as a new version.
+
+        ``created_at`` is filled in when empty; ``weights_sha256`` is always computed here.
+
+        Returns:
+            The manifest as written.
+
+        Raises:
+            FileExistsError: that name and version are already registered.
+        """
+        final = self.model_dir / manifest.name / manifest.version
+        if final.exists():
+            raise FileExistsError(f"model {manifest.model_id} is already registered at {final}")
+        final.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{manifest.version}.", dir=final.parent))
+        try:
+            weights = staging / WEIGHTS_FILE
+            state = {k: v.detach().to("cpu").contiguous().clone() for k, v in _state(network)}
+            save_file(state, str(weights), metadata={"model": manifest.model_id})
+            written = replace(
+                manifest,
+                weights_file=WEIGHTS_FILE,
+                weights_sha256=_sha256(weights.read_bytes()),
+                created_at=manifest.created_at or datetime.now(UTC).isoformat(timespec="seconds"),
+            )
+            manifest_path = staging / MANIFEST_FILE
+            manifest_path.write_text(json.dumps(written.to_dict(), indent=2, sort_keys=True))
+            for path in (weights, manifest_path):
+                _fsync(path)
+            os.rename(staging, final)  # atomic: readers see all of it or nothing
+            _fsync(final.parent)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        log.info("registered model %s at %s", written.model_id, final)
+        return written
+
+    def list(self) -> list[ModelManifest]:
+        """Every registered model, sorted by name, then oldest to newest version.
+
+        A folder whose manifest cannot be read is logged and left out.
+        """
+        found: list[ModelManifest] = []
+        if not self.model_dir.is_dir():
+            return found
+        for manifest_path in sorted(self.model_dir.glob(f"*/*/{MANIFEST_FILE}")):
+            if manifest_path.parent.name.startswith("."):
+                continue  # a registration in progress (or one that died half-way)
+            try:
+                found.append(_read_manifest(manifest_path))
+            except (OSError, ValueError, TypeError) as exc:
+                log.warning("ignoring unreadable model manifest %s: %s", manifest_path, exc)
+        return sorted(found, key=lambda m: (m.name, _newness(m)))
+
+    def manifest(self, name: str, version: str | None = None) -> ModelManifest:
+        """The manifest of ``name`` at ``version`` (newest when None).
+
+        Raises:
+            ModelNotFound: no such model or version.
+        """
+        candidates = [m for m in self.list() if m.name == name]
+        if version is not None:
+            candidates = [m for m in candidates if m.version == version]
+        if not candidates:
+            wanted = name if version is None else f"{name}@{version}"
+            raise ModelNotFound(f"no registered model {wanted} in {self.model_dir}")
+        return candidates[-1]
+
+    def load(self, name: str, version: str | None = None) -> LoadedModel:
+        """Build the network, verify and load its weights, switch it to eval mode.
+
+        Raises:
+            ModelNotFound: no such model or version.
+            ModelIntegrityError: the weights do not match the manifest's sha256 or shapes.
+        """
+        manifest = self.manifest(name, version)
+        folder = self.model_dir / manifest.name / manifest.version
+        weights_path = folder / manifest.weights_file
+        try:
+            data = weights_path.read_bytes()
+        except OSError as exc:
+            raise ModelIntegrityError(f"{manifest.model_id}: cannot read weights: {exc}") from exc
+        digest = _sha256(data)
+        if digest != manifest.weights_sha256:
+            raise ModelIntegrityError(
+                f"{manifest.model_id}: sha256 of {weights_path.name} is {digest}, "
+                f"manifest says {manifest.weights_sha256}; refusing to load"
+            )
+        network = build_network(manifest.architecture, len(manifest.labels))
+        try:
+            state = load_safetensors(data)
+            network.load_state_dict(state, strict=True)
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise ModelIntegrityError(f"{manifest.model_id}: weights do not fit: {exc}") from exc
+        network.eval()
+        return LoadedModel(network=network, manifest=manifest)
+
+    def router(self) -> ModelManifest:
+        """The newest body-part router.
+
+        Raises:
+            ModelNotFound: no router is registered.
+        """
+        routers = [m for m in self.list() if m.task == "router"]
+        if not routers:
+            raise ModelNotFound(f"no body-part router registered in {self.model_dir}")
+        return max(routers, key=_newness)
+
+    def fracture_model_for(self, body_part: str) -> ModelManifest | None:
+        """The newest fracture model covering ``body_part``, or None."""
+        covering = [m for m in self.list() if m.task == "fracture" and body_part in m.body_parts]
+        return max(covering, key=_newness) if covering else None
+
+    def next_version(self, name: str) -> str:
+        """One more than the highest integer version of ``name`` ("1" for a new name)."""
+        numbers = [int(m.version) for m in self.list() if m.name == name and m.version.isdigit()]
+        return str(max(numbers, default=0) + 1)
+
+
+def models_command(settings: Settings, as_json: bool) -> int:
+    """``boneflow models``: list the registered models, versions, metrics and thresholds."""
+    registry = Registry(settings.resolved_model_dir)
+    manifests = registry.list()
+    if as_json:
+        print(json.dumps([m.to_dict() for m in manifests], indent=2))
+        return 0
+    if not manifests:
+        print(f"no models registered in {registry.model_dir} (try: boneflow train --demo)")
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"models in {registry.model_dir}")
+    for column in ("model", "task", "network", "parts", "threshold", "metrics", "created"):
+        table.add_column(column)
+    for m in manifests:
+        table.add_row(
+            m.model_id,
+            m.task,
+            f"{m.architecture} {m.input_size}px",
+            ", ".join(m.body_parts),
+            f"{m.threshold:.3f}",
+            _short_metrics(m.metrics),
+            m.created_at,
+        )
+    Console().print(table)
+    return 0
+
+
+# --- helpers -----------------------------------------------------------------------------------
+
+
+def _state(network: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    return list(network.state_dict().items())
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _read_manifest(path: Path) -> ModelManifest:
+    data = json.loads(path.read_text())
+    if not isinstance(data, dict):
+        raise ValueError("manifest is not a JSON object")
+    manifest = ModelManifest.from_dict(data)
+    if (manifest.name, manifest.version) != (path.parent.parent.name, path.parent.name):
+        raise ValueError(f"manifest says {manifest.model_id}, folder says otherwise")
+    return manifest
+
+
+def _newness(manifest: ModelManifest) -> tuple[str, tuple[tuple[int, str], ...]]:
+    """Sort key: creation time, then the version compared naturally (2 < 10)."""
+    parts = re.findall(r"\d+|\D+", manifest.version)
+    natural = tuple((int(p), "") if p.isdigit() else (-1, p) for p in parts)
+    return manifest.created_at, natural
+
+
+def _short_metrics(metrics: Mapping[str, Any]) -> str:
+    shown = []
+    for key, value in metrics.items():
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            shown.append(f"{key}={value:.3g}")
+        if len(shown) == 4:
+            break
+    return " ".join(shown)
+
+
+__all__ = [
+    "FRACTURE_LABELS",
+    "LoadedModel",
+    "ModelManifest",
+    "Registry",
+    "models_command",
+]

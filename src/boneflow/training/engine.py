@@ -1,0 +1,366 @@
+"""The training loop: batches of preprocessed images, augmentation, loss, optimiser, checkpoints.
+
+Images are preprocessed once (:func:`boneflow.models.transforms.preprocess`, the same
+definition inference uses) into a ``uint8`` cache, so that each epoch only augments and
+trains. Augmentation (rotation, zoom, shift, left-right flip, gamma, noise) runs on whole
+batches in torch. Every epoch writes one JSON line and a checkpoint that ``resume`` continues
+from; the best epoch on validation is kept.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import roc_auc_score
+from torch import nn
+
+from boneflow.models.networks import build_network
+from boneflow.models.transforms import PreprocessParams, preprocess
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint.pt"
+EPOCH_LOG = "epochs.jsonl"
+
+
+@dataclass(frozen=True, slots=True)
+class ImageSet:
+    """Preprocessed images (``uint8``, N x S x S) with labels and grouping for evaluation."""
+
+    images: npt.NDArray[np.uint8]
+    labels: npt.NDArray[np.int64]
+    body_parts: tuple[str, ...]
+    difficulties: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+@dataclass(frozen=True, slots=True)
+class FitConfig:
+    """Hyper-parameters of one training run (all recorded in the manifest)."""
+
+    architecture: str
+    num_classes: int
+    epochs: int
+    batch_size: int = 32
+    learning_rate: float = 0.01
+    optimizer: str = "sgd"  # sgd (momentum 0.9, weight decay 1e-4) or adamw
+    loss: str = "focal"  # focal (gamma 2, class-weighted) or weighted-ce
+    seed: int = 0
+    plateau_patience: int = 5
+    early_stop_patience: int = 10
+    max_minutes: float | None = None
+    augment: bool = True
+    monitor: str = "auc"  # auc (binary) or accuracy
+
+    def to_dict(self) -> dict[str, object]:
+        """JSON-ready hyper-parameters."""
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class FitResult:
+    """The trained network (weights of the best epoch) and how training went."""
+
+    network: nn.Module
+    history: tuple[dict[str, float], ...]
+    best_epoch: int
+    stopped: str  # "epochs", "early-stopping" or "time-limit"
+    seconds: float
+
+
+def build_image_set(
+    images: Sequence[npt.NDArray[np.float32]] | Callable[[int], npt.NDArray[np.float32]],
+    labels: Sequence[int],
+    params: PreprocessParams,
+    body_parts: Sequence[str],
+    difficulties: Sequence[str] | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> ImageSet:
+    """Preprocess every image once into a ``uint8`` cache.
+
+    Args:
+        images: display-ready float images (bone bright), or a function returning image i.
+        labels: class index of each image.
+        params: the model's preprocessing parameters.
+        body_parts: body part of each image (for per-part metrics).
+        difficulties: fracture difficulty of each image, if known.
+        progress: called with the number of images just done.
+    """
+    count = len(labels)
+    size = params.input_size
+    cache = np.zeros((count, size, size), dtype=np.uint8)
+    for i in range(count):
+        image = images(i) if callable(images) else images[i]
+        tensor, _ = preprocess(image, params)
+        cache[i] = np.rint(tensor[0] * 255.0).astype(np.uint8)
+        if progress is not None:
+            progress(1)
+    return ImageSet(
+        images=cache,
+        labels=np.asarray(labels, dtype=np.int64),
+        body_parts=tuple(body_parts),
+        difficulties=tuple(difficulties or ["none"] * count),
+    )
+
+
+def fit(
+    config: FitConfig,
+    train: ImageSet,
+    val: ImageSet,
+    run_dir: Path,
+    device: torch.device,
+    resume: bool = False,
+    on_epoch: Callable[[dict[str, float]], None] | None = None,
+    on_batch: Callable[[], None] | None = None,
+) -> FitResult:
+    """Train a network; keep the epoch with the best validation metric.
+
+    Args:
+        config: hyper-parameters.
+        train: training images; val: validation images (model selection, LR schedule).
+        run_dir: checkpoint and per-epoch JSON lines go here.
+        device: where to train (AMP and channels-last are used on CUDA).
+        resume: continue from ``run_dir/checkpoint.pt`` when it exists.
+        on_epoch: called with each epoch's log line; on_batch: after every batch.
+    """
+    run_dir.mkdir(parents=True, exist_ok=True)
+    seed_everything(config.seed)
+    network = build_network(config.architecture, config.num_classes).to(device)
+    cuda = device.type == "cuda"
+    if cuda:
+        network = network.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    optimizer = _optimizer(config, network)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        optimizer, mode="min", factor=0.1, patience=config.plateau_patience
+    )
+    scaler = torch.amp.GradScaler("cuda", enabled=cuda)
+    weights = class_weights(train.labels, config.num_classes).to(device)
+    history: list[dict[str, float]] = []
+    best_score, best_epoch, bad_epochs, start_epoch = -math.inf, 0, 0, 0
+    best_state = _state_copy(network)
+    generator = torch.Generator().manual_seed(config.seed)
+    checkpoint_path = run_dir / CHECKPOINT
+    if resume and checkpoint_path.is_file():
+        state = torch.load(checkpoint_path, map_location=device, weights_only=True)
+        network.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        generator.set_state(state["generator"])
+        best_state = state["best_model"]
+        history = [dict(h) for h in state["history"]]
+        best_score, best_epoch = float(state["best_score"]), int(state["best_epoch"])
+        bad_epochs, start_epoch = int(state["bad_epochs"]), int(state["epoch"])
+        log.info("resuming %s at epoch %d", run_dir, start_epoch + 1)
+    elif (run_dir / EPOCH_LOG).exists():
+        (run_dir / EPOCH_LOG).unlink()
+    started = time.monotonic()
+    stopped = "epochs"
+    for epoch in range(start_epoch, config.epochs):
+        epoch_started = time.monotonic()
+        train_loss = _train_epoch(
+            network, optimizer, scaler, train, config, weights, generator, device, on_batch
+        )
+        val_probs = predict(network, val, device, config.batch_size)
+        val_loss = float(
+            F.nll_loss(
+                torch.log(torch.from_numpy(val_probs).clamp_min(1e-7)), torch.from_numpy(val.labels)
+            )
+        )
+        score = _score(config.monitor, val.labels, val_probs)
+        scheduler.step(val_loss)
+        line = {
+            "epoch": float(epoch + 1),
+            "train_loss": train_loss,
+            "val_loss": val_loss,
+            f"val_{config.monitor}": score,
+            "val_accuracy": float((val_probs.argmax(1) == val.labels).mean()),
+            "learning_rate": float(optimizer.param_groups[0]["lr"]),
+            "seconds": time.monotonic() - epoch_started,
+        }
+        history.append(line)
+        if score > best_score:
+            best_score, best_epoch, bad_epochs = score, epoch + 1, 0
+            best_state = _state_copy(network)
+        else:
+            bad_epochs += 1
+        with (run_dir / EPOCH_LOG).open("a") as handle:
+            handle.write(json.dumps(line) + "\n")
+        torch.save(
+            {
+                "model": network.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "generator": generator.get_state(),
+                "best_model": best_state,
+                "history": history,
+                "best_score": best_score,
+                "best_epoch": best_epoch,
+                "bad_epochs": bad_epochs,
+                "epoch": epoch + 1,
+            },
+            checkpoint_path,
+        )
+        if on_epoch is not None:
+            on_epoch(line)
+        if bad_epochs >= config.early_stop_patience:
+            stopped = "early-stopping"
+            break
+        if config.max_minutes is not None and time.monotonic() - started > config.max_minutes * 60:
+            stopped = "time-limit"
+            break
+    network.load_state_dict(best_state)
+    network.eval()
+    return FitResult(network, tuple(history), best_epoch, stopped, time.monotonic() - started)
+
+
+def predict(
+    network: nn.Module, images: ImageSet, device: torch.device, batch_size: int = 64
+) -> npt.NDArray[np.float32]:
+    """Class probabilities (N x classes) of every image."""
+    network.eval()
+    out: list[npt.NDArray[np.float32]] = []
+    with torch.inference_mode():
+        for start in range(0, len(images), batch_size):
+            batch = _batch(images.images[start : start + batch_size], device)
+            with torch.autocast(device.type, enabled=device.type == "cuda"):
+                logits = network(batch)
+            out.append(torch.softmax(logits.float(), dim=1).cpu().numpy().astype(np.float32))
+    if not out:
+        return np.zeros((0, 1), dtype=np.float32)
+    return np.concatenate(out)
+
+
+def augment_batch(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Random rotation (±10°), zoom (0.9-1.1), shift (±6 %), left-right flip, gamma, noise."""
+    n = batch.shape[0]
+
+    def uniform(low: float, high: float) -> torch.Tensor:
+        return low + (high - low) * torch.rand(n, generator=generator)
+
+    angle = uniform(-10.0, 10.0) * math.pi / 180.0
+    scale = uniform(0.9, 1.1)
+    flip = torch.where(torch.rand(n, generator=generator) < 0.5, -1.0, 1.0)
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0], theta[:, 0, 1] = cos * flip, -sin
+    theta[:, 1, 0], theta[:, 1, 1] = sin * flip, cos
+    theta[:, 0, 2], theta[:, 1, 2] = uniform(-0.12, 0.12), uniform(-0.12, 0.12)
+    grid = F.affine_grid(theta.to(batch.device), list(batch.shape), align_corners=False)
+    out = F.grid_sample(batch, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    gamma = uniform(0.8, 1.25).to(batch.device).view(n, 1, 1, 1)
+    out = out.clamp(0.0, 1.0).pow(gamma)
+    noise = torch.randn(out.shape, generator=generator).to(batch.device)
+    noisy = torch.rand(n, generator=generator).to(batch.device).view(n, 1, 1, 1) < 0.2
+    return torch.where(noisy, (out + 0.02 * noise).clamp(0.0, 1.0), out)
+
+
+def class_weights(labels: npt.NDArray[np.int64], num_classes: int) -> torch.Tensor:
+    """Inverse-frequency class weights (mean 1); absent classes get weight 1."""
+    counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
+    weights = np.where(counts > 0, counts.sum() / np.maximum(counts, 1) / num_classes, 1.0)
+    return torch.tensor(weights / weights.mean(), dtype=torch.float32)
+
+
+def focal_loss(
+    logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, gamma: float = 2.0
+) -> torch.Tensor:
+    """Class-weighted focal loss (Lin et al. 2017) on softmax logits."""
+    log_probs = F.log_softmax(logits.float(), dim=1)
+    log_pt = log_probs.gather(1, target[:, None])[:, 0]
+    focal = (1.0 - log_pt.exp()).pow(gamma)
+    return (-weight[target] * focal * log_pt).sum() / weight[target].sum()
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch and numpy; deterministic cuDNN."""
+    torch.manual_seed(seed)
+    np.random.seed(seed)  # for libraries that use numpy's global generator
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` is the first CUDA device when present, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+# ---- helpers ----------------------------------------------------------------------------
+
+
+def _train_epoch(
+    network: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    data: ImageSet,
+    config: FitConfig,
+    weights: torch.Tensor,
+    generator: torch.Generator,
+    device: torch.device,
+    on_batch: Callable[[], None] | None,
+) -> float:
+    network.train()
+    order = torch.randperm(len(data), generator=generator).numpy()
+    total, seen = 0.0, 0
+    for start in range(0, len(order), config.batch_size):
+        index = np.sort(order[start : start + config.batch_size])
+        if len(index) < 2:  # batch norm needs two samples
+            continue
+        batch = _batch(data.images[index], device)
+        if config.augment:
+            batch = augment_batch(batch, generator)
+        target = torch.from_numpy(data.labels[index]).to(device)
+        with torch.autocast(device.type, enabled=device.type == "cuda"):
+            logits = network(batch)
+        if config.loss == "focal":
+            loss = focal_loss(logits, target, weights)
+        else:
+            loss = F.cross_entropy(logits.float(), target, weight=weights)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()  # type: ignore[no-untyped-call]
+        scaler.step(optimizer)
+        scaler.update()
+        total += float(loss.detach()) * len(index)
+        seen += len(index)
+        if on_batch is not None:
+            on_batch()
+    return total / max(seen, 1)
+
+
+def _batch(images: npt.NDArray[np.uint8], device: torch.device) -> torch.Tensor:
+    tensor = torch.from_numpy(np.ascontiguousarray(images)).to(device)
+    batch = tensor.float().div_(255.0).unsqueeze(1)
+    if device.type == "cuda":
+        batch = batch.contiguous(memory_format=torch.channels_last)
+    return batch
+
+
+def _score(monitor: str, labels: npt.NDArray[np.int64], probs: npt.NDArray[np.float32]) -> float:
+    if monitor == "auc" and probs.shape[1] == 2 and len(np.unique(labels)) == 2:
+        return float(roc_auc_score(labels, probs[:, 1]))
+    return float((probs.argmax(1) == labels).mean())
+
+
+def _optimizer(config: FitConfig, network: nn.Module) -> torch.optim.Optimizer:
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(network.parameters(), lr=config.learning_rate, weight_decay=1e-4)
+    return torch.optim.SGD(
+        network.parameters(), lr=config.learning_rate, momentum=0.9, weight_decay=1e-4
+    )
+
+
+def _state_copy(network: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in network.state_dict().items()}

@@ -1,0 +1,182 @@
+"""Evaluation metrics: binary (fracture) and multi-class (router), calibration, thresholds.
+
+Pure numpy/scikit-learn on labels and probabilities, so that they are easy to test and the
+same numbers land in the report, the manifest and docs/models.md.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import numpy.typing as npt
+from sklearn.metrics import cohen_kappa_score, confusion_matrix, roc_auc_score, roc_curve
+
+FloatArray = npt.NDArray[np.float64]
+IntArray = npt.NDArray[np.int64]
+
+
+def choose_threshold(
+    labels: npt.ArrayLike, probabilities: npt.ArrayLike, target_sensitivity: float = 0.90
+) -> float:
+    """The highest threshold on P(positive) that reaches ``target_sensitivity``.
+
+    Chosen on validation data, then applied unchanged to the test set. With no positive
+    case the threshold is 0.5.
+    """
+    y = np.asarray(labels, dtype=np.int64)
+    p = np.asarray(probabilities, dtype=np.float64)
+    positives = np.sort(p[y == 1])
+    if positives.size == 0:
+        return 0.5
+    # at threshold t, sensitivity = share of positives with p >= t
+    allowed_misses = math.floor((1.0 - target_sensitivity) * positives.size + 1e-9)
+    threshold = float(positives[min(allowed_misses, positives.size - 1)])
+    return float(np.clip(threshold, 1e-6, 1.0))
+
+
+def binary_metrics(
+    labels: npt.ArrayLike, probabilities: npt.ArrayLike, threshold: float
+) -> dict[str, object]:
+    """Accuracy, precision, recall/sensitivity, specificity, F1, ROC-AUC, kappa, ECE.
+
+    ``roc_auc`` is ``None`` when only one class is present.
+    """
+    y = np.asarray(labels, dtype=np.int64)
+    p = np.asarray(probabilities, dtype=np.float64)
+    predicted = (p >= threshold).astype(np.int64)
+    tn, fp, fn, tp = (int(v) for v in confusion_matrix(y, predicted, labels=[0, 1]).ravel())
+    precision = _ratio(tp, tp + fp)
+    recall = _ratio(tp, tp + fn)
+    f1 = _ratio(2 * tp, 2 * tp + fp + fn)
+    both = len(np.unique(y)) == 2
+    ece, _ = calibration(y, p)
+    return {
+        "n": int(y.size),
+        "positives": int(tp + fn),
+        "threshold": float(threshold),
+        "accuracy": _ratio(tp + tn, y.size),
+        "precision": precision,
+        "recall": recall,
+        "sensitivity": recall,
+        "specificity": _ratio(tn, tn + fp),
+        "f1": f1,
+        "roc_auc": float(roc_auc_score(y, p)) if both else None,
+        "cohen_kappa": _kappa(y, predicted),
+        "ece": ece,
+        "confusion": [[tn, fp], [fn, tp]],
+    }
+
+
+def multiclass_metrics(
+    labels: npt.ArrayLike, probabilities: npt.ArrayLike, class_names: Sequence[str]
+) -> dict[str, object]:
+    """Accuracy, macro precision/recall/F1, per-class recall, kappa, macro ROC-AUC, ECE."""
+    y = np.asarray(labels, dtype=np.int64)
+    probs = np.asarray(probabilities, dtype=np.float64)
+    predicted = probs.argmax(axis=1)
+    k = len(class_names)
+    matrix = confusion_matrix(y, predicted, labels=list(range(k)))
+    per_class: dict[str, dict[str, float | None]] = {}
+    for i, name in enumerate(class_names):
+        tp = int(matrix[i, i])
+        per_class[name] = {
+            "n": float(matrix[i].sum()),
+            "precision": _ratio(tp, int(matrix[:, i].sum())),
+            "recall": _ratio(tp, int(matrix[i].sum())),
+        }
+    present = [i for i in range(k) if matrix[i].sum() > 0]
+    aucs = [
+        float(roc_auc_score(y == i, probs[:, i])) for i in present if 0 < (y == i).sum() < y.size
+    ]
+    ece, _ = calibration((predicted == y).astype(np.int64), probs.max(axis=1))
+    macro = [per_class[class_names[i]] for i in present]
+    return {
+        "n": int(y.size),
+        "accuracy": _ratio(int((predicted == y).sum()), y.size),
+        "macro_precision": _mean([m["precision"] for m in macro]),
+        "macro_recall": _mean([m["recall"] for m in macro]),
+        "macro_f1": _mean([_f1(m["precision"], m["recall"]) for m in macro]),
+        "macro_roc_auc": _mean(aucs),
+        "cohen_kappa": _kappa(y, predicted),
+        "ece": ece,
+        "per_class": per_class,
+        "confusion": matrix.astype(int).tolist(),
+    }
+
+
+def calibration(
+    labels: npt.ArrayLike, probabilities: npt.ArrayLike, bins: int = 10
+) -> tuple[float, list[dict[str, float]]]:
+    """Expected calibration error and the reliability table (equal-width bins).
+
+    Returns:
+        ECE, and per non-empty bin its range, count, mean confidence and observed frequency.
+    """
+    y = np.asarray(labels, dtype=np.float64)
+    p = np.asarray(probabilities, dtype=np.float64)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    index = np.clip(np.digitize(p, edges[1:-1], right=True), 0, bins - 1)
+    table: list[dict[str, float]] = []
+    ece = 0.0
+    for b in range(bins):
+        mask = index == b
+        if not mask.any():
+            continue
+        confidence, observed = float(p[mask].mean()), float(y[mask].mean())
+        ece += mask.sum() / max(y.size, 1) * abs(confidence - observed)
+        table.append(
+            {
+                "low": float(edges[b]),
+                "high": float(edges[b + 1]),
+                "count": float(mask.sum()),
+                "confidence": confidence,
+                "observed": observed,
+            }
+        )
+    return float(ece), table
+
+
+def roc_points(
+    labels: npt.ArrayLike, probabilities: npt.ArrayLike
+) -> tuple[FloatArray, FloatArray]:
+    """False- and true-positive rates of the ROC curve (empty when one class only)."""
+    y = np.asarray(labels, dtype=np.int64)
+    if len(np.unique(y)) < 2:
+        return np.zeros(0), np.zeros(0)
+    fpr, tpr, _ = roc_curve(y, np.asarray(probabilities, dtype=np.float64))
+    return np.asarray(fpr, dtype=np.float64), np.asarray(tpr, dtype=np.float64)
+
+
+def sensitivity_at_specificity(
+    labels: npt.ArrayLike, probabilities: npt.ArrayLike, specificity: float
+) -> float | None:
+    """Best sensitivity among thresholds whose specificity is at least ``specificity``."""
+    fpr, tpr = roc_points(labels, probabilities)
+    if fpr.size == 0:
+        return None
+    ok = fpr <= 1.0 - specificity + 1e-12
+    return float(tpr[ok].max()) if ok.any() else 0.0
+
+
+def _kappa(y: IntArray, predicted: IntArray) -> float | None:
+    if len(np.unique(np.concatenate([y, predicted]))) < 2:
+        return None
+    value = float(cohen_kappa_score(y, predicted))
+    return value if math.isfinite(value) else None
+
+
+def _ratio(numerator: int | float, denominator: int | float) -> float | None:
+    return float(numerator) / float(denominator) if denominator else None
+
+
+def _f1(precision: float | None, recall: float | None) -> float | None:
+    if precision is None or recall is None or precision + recall == 0:
+        return None if precision is None or recall is None else 0.0
+    return 2 * precision * recall / (precision + recall)
+
+
+def _mean(values: Sequence[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return float(np.mean(known)) if known else None

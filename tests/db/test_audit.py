@@ -187,3 +187,26 @@ def test_swapped_rows_are_detected(audit: Audit, database_url: str) -> None:
     )
     problems = audit.verify()
     assert {p.row_id for p in problems} >= {a, b}
+
+
+def _append_from_process(database_url: str, n: int) -> None:
+    audit = Audit.open(database_url)
+    for i in range(20):
+        audit.instance_received(status=InstanceStatus.STORED, sop_instance_uid=f"2.{n}.{i}")
+    audit.close()
+
+
+def test_several_processes_append_to_one_chain(audit: Audit, database_url: str) -> None:
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    processes = [
+        context.Process(target=_append_from_process, args=(database_url, n)) for n in range(3)
+    ]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(120)
+        assert process.exitcode == 0
+    assert audit.head()[0] == 60
+    assert audit.verify() == []

@@ -1,0 +1,209 @@
+"""Demo models: a router and one fracture model trained on synthetic radiographs in minutes.
+
+Images come straight from :func:`boneflow.training.synth.generate_image`; each synthetic
+patient is its own random stream, and the train, validation and test patients come from
+disjoint streams, so the reported numbers are on held-out patients. Every image is made
+once and preprocessed at both models' input sizes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from boneflow.config import Settings
+from boneflow.findings import BODY_PARTS
+from boneflow.models.registry import FRACTURE_LABELS, ModelManifest
+from boneflow.models.transforms import PreprocessParams
+from boneflow.training.engine import FitConfig, ImageSet, build_image_set
+from boneflow.training.train import ProgressBar, TaskData, progress_bar, train_and_register
+
+log = logging.getLogger(__name__)
+
+FRACTURE_PARTS: tuple[str, ...] = tuple(p for p in BODY_PARTS if p != "other")
+ROUTER_NAME = "router"
+FRACTURE_NAME = "fracture-limbs"
+_SPLIT_KEYS = {"train": 1, "val": 2, "test": 3}
+
+
+@dataclass(frozen=True, slots=True)
+class DemoPlan:
+    """How many synthetic images, at what size, and how long to train (measured defaults)."""
+
+    seed: int = 20261122
+    source_size: int = 384
+    images: tuple[int, int, int] = (2400, 480, 800)  # train, val, test
+    router_size: int = 128
+    fracture_size: int = 192
+    router_architecture: str = "resnet10"
+    fracture_architecture: str = "resnet18"
+    router_epochs: int = 6
+    fracture_epochs: int = 14
+    batch_size: int = 32
+    learning_rate: float = 2e-3
+    max_minutes: float = 6.0
+
+    def fingerprint(self) -> str:
+        """Identifies the synthetic data (same plan, same images)."""
+        text = json.dumps({k: v for k, v in asdict(self).items() if "epochs" not in k})
+        return "synth:" + hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def train_demo_models(
+    settings: Settings, progress: bool = True, plan: DemoPlan | None = None
+) -> list[ModelManifest]:
+    """Train, evaluate and register the demo router and fracture model.
+
+    Args:
+        settings: where the registry and reports go (``MODEL_DIR``, ``DATA_DIR``).
+        progress: show progress bars on stderr.
+        plan: sizes and epochs (default: :class:`DemoPlan`, ~10 minutes on 2 CPU cores).
+
+    Returns:
+        The registered router and fracture model manifests.
+    """
+    plan = plan or DemoPlan()
+    router_params = PreprocessParams(input_size=plan.router_size)
+    fracture_params = PreprocessParams(input_size=plan.fracture_size)
+    with progress_bar(progress) as bar:
+        router_sets: dict[str, ImageSet] = {}
+        fracture_sets: dict[str, ImageSet] = {}
+        for split, count in zip(("train", "val", "test"), plan.images, strict=True):
+            router_sets[split], fracture_sets[split] = _make_split(
+                plan, split, count, router_params, fracture_params, bar
+            )
+        extra = {"data": "boneflow synth (generated on the fly)", "demo_plan": asdict(plan)}
+        data_report = {
+            "source": "boneflow synth, held-out synthetic patients",
+            "split_counts": {s: len(v) for s, v in router_sets.items()},
+            "patients": {s: len(v) for s, v in router_sets.items()},
+            "fingerprint": plan.fingerprint(),
+        }
+        router = TaskData(
+            "router",
+            BODY_PARTS,
+            BODY_PARTS,
+            router_sets["train"],
+            router_sets["val"],
+            router_sets["test"],
+        )
+        fracture = TaskData(
+            "fracture",
+            FRACTURE_LABELS,
+            FRACTURE_PARTS,
+            fracture_sets["train"],
+            fracture_sets["val"],
+            fracture_sets["test"],
+        )
+        manifests = []
+        for name, data, config, params in (
+            (ROUTER_NAME, router, _config(plan, "router"), router_params),
+            (FRACTURE_NAME, fracture, _config(plan, "fracture"), fracture_params),
+        ):
+            manifests.append(
+                train_and_register(
+                    settings,
+                    name,
+                    data,
+                    config,
+                    params,
+                    plan.fingerprint(),
+                    {
+                        **data_report,
+                        "split_counts": {s: len(getattr(data, s)) for s in _SPLIT_KEYS},
+                    },
+                    bar=bar,
+                    extra_training=extra,
+                )
+            )
+    return manifests
+
+
+def demo_test_set(
+    manifest: ModelManifest, params: PreprocessParams, bar: ProgressBar | None = None
+) -> ImageSet:
+    """The demo's held-out synthetic test set, preprocessed for ``manifest``'s model."""
+    raw = manifest.training.get("demo_plan")
+    plan = DemoPlan(**{**asdict(DemoPlan()), **raw}) if isinstance(raw, dict) else DemoPlan()
+    plan = DemoPlan(**{**asdict(plan), "images": tuple(plan.images)})
+    router, fracture = _make_split(
+        plan, "test", plan.images[2], params, params, bar or ProgressBar(None)
+    )
+    return router if manifest.task == "router" else fracture
+
+
+def patient_rng(seed: int, split: str, patient: int) -> np.random.Generator:
+    """The random stream of one synthetic patient (disjoint across splits)."""
+    return np.random.default_rng(np.random.SeedSequence([seed, _SPLIT_KEYS[split], patient]))
+
+
+# ---- helpers ----------------------------------------------------------------------------
+
+
+def _make_split(
+    plan: DemoPlan,
+    split: str,
+    count: int,
+    router_params: PreprocessParams,
+    fracture_params: PreprocessParams,
+    bar: ProgressBar,
+) -> tuple[ImageSet, ImageSet]:
+    """Generate ``count`` patients (one image each) and preprocess them for both models."""
+    from boneflow.training.synth import generate_image, to_display
+
+    advance = bar.stage(f"synthetic {split} images", count)
+    images: list[npt.NDArray[np.float32]] = []
+    parts: list[str] = []
+    fractured: list[bool] = []
+    tiers: list[str] = []
+    for i in range(count):
+        rng = patient_rng(plan.seed, split, i)
+        part = BODY_PARTS[i % len(BODY_PARTS)]
+        broken = part != "other" and bool(rng.random() < 0.5)
+        image = generate_image(rng, part, broken, plan.source_size)
+        images.append(to_display(image))
+        parts.append(part)
+        fractured.append(bool(image.fractured))
+        tiers.append(str(image.difficulty))
+        advance(1)
+    router = build_image_set(
+        images, [BODY_PARTS.index(p) for p in parts], router_params, parts, tiers
+    )
+    limb = [i for i, p in enumerate(parts) if p != "other"]
+    fracture = build_image_set(
+        _subset(images, limb),
+        [int(fractured[i]) for i in limb],
+        fracture_params,
+        [parts[i] for i in limb],
+        [tiers[i] for i in limb],
+    )
+    return router, fracture
+
+
+def _subset(
+    images: list[npt.NDArray[np.float32]], index: list[int]
+) -> Callable[[int], npt.NDArray[np.float32]]:
+    return lambda i: images[index[i]]
+
+
+def _config(plan: DemoPlan, task: str) -> FitConfig:
+    router = task == "router"
+    return FitConfig(
+        architecture=plan.router_architecture if router else plan.fracture_architecture,
+        num_classes=len(BODY_PARTS) if router else 2,
+        epochs=plan.router_epochs if router else plan.fracture_epochs,
+        batch_size=plan.batch_size,
+        learning_rate=plan.learning_rate,
+        optimizer="adamw",
+        loss="focal",
+        seed=plan.seed,
+        early_stop_patience=6,
+        max_minutes=plan.max_minutes,
+        monitor="accuracy" if router else "auc",
+    )

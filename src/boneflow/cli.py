@@ -96,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("demo", _demo, "the whole round trip on this machine, nothing configured", node)
     p.add_argument("--out", type=Path, default=Path("boneflow-demo"), help="result folder")
+    p.add_argument(
+        "--keep-open", action="store_true", help="keep Orthanc and the node up until Ctrl-C"
+    )
 
     p = command("analyze", _analyze, "analyse local DICOM files without any network")
     p.add_argument("paths", nargs="+", type=Path, metavar="PATH")
@@ -220,7 +223,7 @@ def _worker(settings: Settings, args: argparse.Namespace) -> int:
 def _demo(settings: Settings, args: argparse.Namespace) -> int:
     from boneflow.demo import run_demo
 
-    return run_demo(settings, out_dir=args.out)
+    return run_demo(settings, out_dir=args.out, keep_open=args.keep_open)
 
 
 def _analyze(settings: Settings, args: argparse.Namespace) -> int:

@@ -1,0 +1,140 @@
+"""What an analyse job does, end to end, given its id: the worker side of the seams.
+
+Read the job's instances from the audit database, load them from the spool, analyse
+them (``worker.pipeline``), record one result per image, build the SR and the Secondary
+Captures (``dicom.results``) and put them in the outbox (``worker.outbox``).
+
+Idempotency: a job produces its results once. When an earlier attempt of the same job
+already put result objects in the outbox (it died after that, before SUCCEEDED), those
+are returned instead of analysing again; so a redelivered task never produces a second
+SR or SC. Each image is covered by exactly one job (settle), so SOP Instance UID + the
+model versions recorded with its result identify the analysis.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from sqlalchemy import select
+
+from boneflow.config import Settings
+from boneflow.db.audit import Audit, JobKind, JobState
+from boneflow.db.schema import Instance, Job, JobInstance, JobStateChange, OutboxItem, Result
+
+log = logging.getLogger(__name__)
+
+COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"
+
+
+@dataclass(frozen=True, slots=True)
+class JobInstanceRecord:
+    """One image an analyse job covers, with where the spool keeps it."""
+
+    sop_instance_uid: str
+    instance_id: int | None
+    spool_path: Path | None
+
+
+@dataclass(frozen=True, slots=True)
+class JobRecord:
+    """An analyse job as the worker needs it."""
+
+    job_id: int
+    study_instance_uid: str | None
+    patient_id: str | None
+    instances: tuple[JobInstanceRecord, ...]
+
+
+def load_job(audit: Audit, job_id: int) -> JobRecord:
+    """The job and its instances with their spool paths.
+
+    Raises:
+        LookupError: when there is no such job.
+    """
+    with audit.session() as session:
+        job = session.get(Job, job_id)
+        if job is None:
+            raise LookupError(f"no job {job_id}")
+        rows = session.execute(
+            select(JobInstance.sop_instance_uid, JobInstance.instance_id, Instance.spool_path)
+            .outerjoin(Instance, Instance.id == JobInstance.instance_id)
+            .where(JobInstance.job_id == job_id)
+            .order_by(JobInstance.id)
+        ).all()
+    instances = tuple(
+        JobInstanceRecord(uid, instance_id, Path(path) if path else None)
+        for uid, instance_id, path in rows
+    )
+    return JobRecord(job_id, job.study_instance_uid, job.patient_id, instances)
+
+
+def run_analysis(settings: Settings, audit: Audit, job: JobRecord) -> list[int]:
+    """Analyse a job's images and queue its result objects; returns the outbox item ids."""
+    from boneflow.dicom.results import build_result_objects
+    from boneflow.worker.outbox import enqueue_results
+    from boneflow.worker.pipeline import analyse_datasets, load_datasets
+
+    produced = outbox_items_of_job(audit, job.job_id)
+    if produced:
+        log.info("job %s already produced %d outbox items; reusing them", job.job_id, len(produced))
+        return produced
+    paths = [i.spool_path for i in job.instances if i.spool_path is not None]
+    datasets = load_datasets(paths)
+    findings = analyse_datasets(settings, audit, datasets, job_id=job.job_id)
+    predecessor = previous_report(audit, job)
+    objects = build_result_objects(datasets, findings, predecessor=predecessor)
+    return list(enqueue_results(settings, audit, objects, job.job_id))
+
+
+def outbox_items_of_job(audit: Audit, job_id: int) -> list[int]:
+    """The outbox items an earlier attempt of ``job_id`` created."""
+    with audit.session() as session:
+        return [
+            int(i)
+            for i in session.scalars(
+                select(OutboxItem.id).where(OutboxItem.job_id == job_id).order_by(OutboxItem.id)
+            )
+        ]
+
+
+def results_of_job(audit: Audit, job_id: int) -> list[str]:
+    """SOP Instance UIDs that have a result row recorded by ``job_id``."""
+    with audit.session() as session:
+        return list(session.scalars(select(Result.sop_instance_uid).where(Result.job_id == job_id)))
+
+
+def previous_report(audit: Audit, job: JobRecord) -> Dataset | None:
+    """The SR of the latest earlier successful job of the same study, if its file exists.
+
+    A study that receives late images gets a new job; its SR supersedes this one.
+    """
+    if job.study_instance_uid is None:
+        return None
+    latest = (
+        select(JobStateChange.job_id)
+        .join(Job, Job.id == JobStateChange.job_id)
+        .where(
+            Job.study_instance_uid == job.study_instance_uid,
+            Job.kind == str(JobKind.ANALYSE),
+            Job.id < job.job_id,
+            JobStateChange.state == str(JobState.SUCCEEDED),
+        )
+        .order_by(JobStateChange.job_id.desc())
+        .limit(1)
+    )
+    with audit.session() as session:
+        previous = session.scalar(latest)
+        if previous is None:
+            return None
+        path = session.scalar(
+            select(OutboxItem.path)
+            .where(OutboxItem.job_id == previous, OutboxItem.sop_class_uid == COMPREHENSIVE_SR)
+            .limit(1)
+        )
+    if path is None or not Path(path).is_file():
+        return None
+    return dcmread(path)

@@ -72,6 +72,7 @@ class Settings:
     settle_seconds: float = 3.0
     # Limits an unauthenticated peer could otherwise make us exceed.
     max_associations: int = 16
+    listener_processes: int = 1  # >1: that many processes share the port (SO_REUSEPORT)
     max_pdu_bytes: int = 131072
     max_instance_bytes: int = 512 * 1024 * 1024
     max_pixels: int = 100_000_000
@@ -360,6 +361,7 @@ _PARSERS: dict[str, Callable[[object], object]] = {
     "device": _device,
     "settle_seconds": _seconds,
     "max_associations": _positive_integer,
+    "listener_processes": _positive_integer,
     "max_pdu_bytes": _positive_integer,
     "max_instance_bytes": _positive_integer,
     "max_pixels": _positive_integer,

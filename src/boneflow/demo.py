@@ -515,7 +515,8 @@ def _progress(audit: Audit, samples: Sequence[Sample]) -> tuple[dict[str, Sample
 
 def _sample_result(sample: Sample, row: Result) -> SampleResult:
     try:
-        models = ", ".join(json.loads(row.models).values())
+        by_role: dict[str, str] = json.loads(row.models)
+        models = ", ".join(by_role[k] for k in sorted(by_role, key=lambda role: role != "router"))
     except (ValueError, AttributeError):
         models = row.models
     return SampleResult(

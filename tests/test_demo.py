@@ -1,0 +1,181 @@
+"""`boneflow demo`: its parts on real values, and the whole round trip as a subprocess."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.dataset import FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+from rich.console import Console
+
+from boneflow.config import CallerRule, Destination, Settings, load_settings
+from boneflow.db.audit import Audit, DispatchStatus, ResultStatus
+from boneflow.db.migrate import upgrade
+from boneflow.demo import (
+    MARKER,
+    DemoError,
+    Sample,
+    _fresh,
+    _progress,
+    node_environment,
+    print_findings,
+    wait_for_results,
+    write_png,
+)
+
+
+def _sample(label: str, study: str | None = None) -> Sample:
+    return Sample(
+        label=label,
+        path=Path(f"{label}.dcm"),
+        sop_instance_uid=generate_uid(),
+        study_instance_uid=study or generate_uid(),
+        truth="wrist, fracture",
+    )
+
+
+def test_node_environment_reproduces_the_settings_and_drops_the_callers_keys(
+    tmp_path: Path,
+) -> None:
+    settings = Settings(
+        ae_title="BONEFLOW",
+        port=40123,
+        data_dir=tmp_path / "node",
+        model_dir=tmp_path / "models",
+        settle_seconds=1.5,
+        destinations=(Destination("dimse", "ORTHANC", "127.0.0.1", 4242),),
+        allowed_callers=(CallerRule("ORTHANC", "127.0.0.1"), CallerRule("OTHER")),
+        device="cpu",
+    )
+    base = {"PATH": "/usr/bin", "BONEFLOW_BROKER_URL": "redis://elsewhere:6379/0"}
+    env = node_environment(settings, base)
+    assert env["PATH"] == "/usr/bin"
+    assert env["BONEFLOW_BROKER_URL"] == ""  # embedded, not the caller's broker
+    assert load_settings({}, env, None) == settings
+
+
+def test_fresh_clears_only_folders_the_demo_made(tmp_path: Path) -> None:
+    made = _fresh(tmp_path / "node")
+    (made / "leftover.db").write_text("x")
+    assert _fresh(tmp_path / "node") == made
+    assert sorted(p.name for p in made.iterdir()) == [MARKER]
+    foreign = tmp_path / "precious"
+    foreign.mkdir()
+    (foreign / "thesis.txt").write_text("keep me")
+    with pytest.raises(DemoError, match="not made by the demo"):
+        _fresh(foreign)
+    assert (foreign / "thesis.txt").read_text() == "keep me"
+
+
+def test_progress_waits_for_every_result_and_every_delivery(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'audit.db'}"
+    upgrade(url)
+    audit = Audit.open(url)
+    fractured, chest = _sample("wrist"), _sample("chest")
+    try:
+        assert _progress(audit, [fractured, chest]) == ({}, 0)
+        audit.result_recorded(
+            sop_instance_uid=fractured.sop_instance_uid,
+            study_instance_uid=fractured.study_instance_uid,
+            status=ResultStatus.ANALYSED,
+            body_part="wrist",
+            body_part_confidence=0.97,
+            fracture_probability=0.91,
+            fracture_present=True,
+            threshold=0.5,
+            models={"router": "router@1", "fracture": "arm@1"},
+        )
+        found, pending = _progress(audit, [fractured, chest])
+        assert set(found) == {fractured.sop_instance_uid}
+        assert found[fractured.sop_instance_uid].models == "router@1, arm@1"
+        assert pending == 2  # its SR and its SC are not even in the outbox yet
+        items = [
+            audit.outbox_item_added(
+                destination="ORTHANC@127.0.0.1:4242",
+                sop_instance_uid=generate_uid(),
+                sop_class_uid=uid,
+                path="x.dcm",
+                study_instance_uid=fractured.study_instance_uid,
+            )
+            for uid in ("1.2.840.10008.5.1.4.1.1.88.33", str(SecondaryCaptureImageStorage))
+        ]
+        audit.dispatch_attempted(items[0], DispatchStatus.FAILED, error="down")
+        assert _progress(audit, [fractured, chest])[1] == 2
+        audit.dispatch_attempted(items[0], DispatchStatus.SENT)
+        audit.dispatch_attempted(items[1], DispatchStatus.SENT)
+        assert _progress(audit, [fractured, chest])[1] == 0
+        audit.result_recorded(
+            sop_instance_uid=chest.sop_instance_uid,
+            study_instance_uid=chest.study_instance_uid,
+            status=ResultStatus.NOT_ANALYSED,
+            body_part="other",
+            body_part_confidence=0.99,
+            reason="no fracture model covers other",
+        )
+        found, pending = _progress(audit, [fractured, chest])
+        assert len(found) == 2
+        assert pending == 1  # the chest study's SR
+    finally:
+        audit.close()
+
+
+def test_wait_for_results_names_what_is_missing_when_time_is_up(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path)
+    upgrade(settings.resolved_database_url)
+    with pytest.raises(DemoError, match=r"0/1 images have results"):
+        wait_for_results(settings, [_sample("wrist")], Console(file=io.StringIO()), 0.5)
+
+
+def _image(photometric: str, pixels: np.ndarray) -> pydicom.Dataset:
+    ds = pydicom.Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.Modality = "OT"
+    ds.Rows, ds.Columns = pixels.shape[:2]
+    ds.PhotometricInterpretation = photometric
+    ds.SamplesPerPixel = 3 if pixels.ndim == 3 else 1
+    if pixels.ndim == 3:
+        ds.PlanarConfiguration = 0
+    ds.BitsAllocated = ds.BitsStored = pixels.dtype.itemsize * 8
+    ds.HighBit = ds.BitsStored - 1
+    ds.PixelRepresentation = 0
+    ds.PixelData = pixels.tobytes()
+    return ds
+
+
+def test_write_png_keeps_colour_and_makes_monochrome1_bone_bright(tmp_path: Path) -> None:
+    import cv2
+
+    rgb = np.zeros((8, 12, 3), np.uint8)
+    rgb[..., 0] = 200  # red heat
+    write_png(_image("RGB", rgb), tmp_path / "sc.png")
+    back = cv2.imread(str(tmp_path / "sc.png"), cv2.IMREAD_UNCHANGED)
+    assert back.shape == (8, 12, 3)
+    assert back[0, 0].tolist() == [0, 0, 200]  # BGR on disk
+    mono = np.full((6, 6), 4000, np.uint16)
+    mono[2:4, 2:4] = 100  # low stored values are bright in MONOCHROME1
+    write_png(_image("MONOCHROME1", mono), tmp_path / "cr.png")
+    back = cv2.imread(str(tmp_path / "cr.png"), cv2.IMREAD_UNCHANGED)
+    assert back.dtype == np.uint8
+    assert back[3, 3] == 255 and back[0, 0] == 0
+
+
+def test_findings_table_lists_every_image_with_its_call_or_reason() -> None:
+    from boneflow.demo import SampleResult
+
+    wrist, chest = _sample("synthetic-1-wrist"), _sample("real-RG1")
+    results = [
+        SampleResult(wrist, "analysed", "wrist", 0.97, 0.912, True, 0.5, "r@1, arm@1", None),
+        SampleResult(chest, "not_analysed", "other", 0.99, None, None, None, "r@1", "no model"),
+    ]
+    out = io.StringIO()
+    print_findings(results, Console(file=out, width=160))
+    text = out.getvalue()
+    assert "synthetic-1-wrist" in text and "real-RG1" in text
+    assert "0.912 (thr 0.50)" in text and "fracture" in text and "r@1, arm@1" in text
+    assert "not analysed" in text and "no model" in text
+    assert "not for diagnostic use" in text

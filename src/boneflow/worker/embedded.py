@@ -13,13 +13,14 @@ again on start.
 from __future__ import annotations
 
 import os
+import threading
+import time
 import uuid
 from pathlib import Path
 from queue import Empty
-from time import monotonic
 from typing import Any
 
-from kombu.transport import filesystem
+from kombu.transport import filesystem, virtual
 from kombu.utils.encoding import bytes_to_str, str_to_bytes
 from kombu.utils.json import dumps, loads
 
@@ -56,12 +57,24 @@ def queue_depth(data_dir: Path, queue: str) -> int:
     return sum(1 for name in names if name.endswith(suffix) and not name.startswith("."))
 
 
+_stamp_lock = threading.Lock()
+_last_stamp = 0
+
+
+def _next_stamp() -> int:
+    """Nanoseconds since the epoch, strictly increasing within this process (FIFO order)."""
+    global _last_stamp
+    with _stamp_lock:
+        _last_stamp = max(time.time_ns(), _last_stamp + 1)
+        return _last_stamp
+
+
 class Channel(filesystem.Channel):
     """A filesystem channel with atomic puts and single-winner gets."""
 
-    def _put(self, queue: str, payload: dict[str, Any], **kwargs: Any) -> None:
+    def _put(self, queue: str, payload: dict[str, Any], **kwargs: Any) -> None:  # type: ignore[override]
         """Write the message under a hidden name, fsync it, then rename it into place."""
-        name = f"{round(monotonic() * 1000):015d}_{uuid.uuid4()}.{queue}.msg"
+        name = f"{_next_stamp():020d}_{uuid.uuid4()}.{queue}.msg"
         folder = str(self.data_folder_out)
         hidden = os.path.join(folder, f".{name}.tmp")
         with open(hidden, "wb") as handle:
@@ -99,10 +112,21 @@ class Channel(filesystem.Channel):
 
 
 class Transport(filesystem.Transport):
-    """The embedded transport; select it with ``broker_transport``."""
+    """The embedded transport; select it with ``broker_transport``.
+
+    kombu keeps the bindings it has declared in one state per process; ours is one state
+    per broker folder, so that a process using two DATA_DIRs (tests) declares each.
+    """
 
     Channel = Channel
-    global_state = filesystem.Transport.global_state
+
+    def __init__(self, client: Any, **kwargs: Any) -> None:
+        super().__init__(client, **kwargs)
+        folder = str(client.transport_options.get("control_folder", ""))
+        self.state = _STATES.setdefault(folder, virtual.BrokerState())
+
+
+_STATES: dict[str, virtual.BrokerState] = {}
 
 
 def restore_claimed(data_dir: Path) -> int:

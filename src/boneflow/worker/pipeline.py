@@ -1,0 +1,142 @@
+"""From spooled files to findings: datasets → pixels → ``ImageInput`` → ``Analyzer`` → ``Finding``.
+
+The :class:`~boneflow.models.inference.Analyzer` is cached per process (keyed by model
+directory and device) so that a worker loads its models once; it is rebuilt only when a
+newer router is registered.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+
+from boneflow.config import Settings
+from boneflow.db.audit import Audit, ResultStatus
+from boneflow.dicom.pixels import laterality, read_pixels
+from boneflow.errors import UnreadableInstance
+from boneflow.findings import Finding, FindingStatus, ModelId
+from boneflow.models.inference import Analyzer, ImageInput
+from boneflow.models.registry import Registry
+
+log = logging.getLogger(__name__)
+
+_analyzers: dict[tuple[str, str], Analyzer] = {}  # one per process, see get_analyzer
+
+
+def get_analyzer(settings: Settings) -> Analyzer:
+    """The process's analyzer for MODEL_DIR and DEVICE, created (and models loaded) once.
+
+    Raises:
+        ModelNotFound: no router is registered.
+        ConfigError: DEVICE is not usable.
+    """
+    key = (str(settings.resolved_model_dir.resolve()), settings.device)
+    registry = Registry(settings.resolved_model_dir)
+    cached = _analyzers.get(key)
+    if cached is not None and cached.router_manifest.model_id == registry.router().model_id:
+        return cached
+    analyzer = Analyzer(registry, device=settings.device)
+    _analyzers[key] = analyzer
+    return analyzer
+
+
+def load_datasets(paths: Sequence[Path]) -> list[Dataset]:
+    """Read spooled files; a file that is missing or not DICOM is logged and left out."""
+    datasets: list[Dataset] = []
+    for path in paths:
+        try:
+            datasets.append(dcmread(path))
+        except (OSError, InvalidDicomError, ValueError, EOFError) as exc:
+            log.error("cannot read spooled file %s: %s", path, exc)
+    return datasets
+
+
+def to_image_input(ds: Dataset) -> ImageInput:
+    """Decode one dataset into the analyzer's input.
+
+    Raises:
+        UnreadableInstance: the pixel data cannot be decoded.
+    """
+    body_part = str(ds.get("BodyPartExamined", "") or "").strip() or None
+    return ImageInput(
+        sop_instance_uid=str(ds.SOPInstanceUID),
+        pixels=read_pixels(ds),
+        body_part_hint=body_part,
+        laterality=laterality(ds),
+    )
+
+
+def analyse_datasets(
+    settings: Settings,
+    audit: Audit | None,
+    datasets: Sequence[Dataset],
+    job_id: int | None = None,
+) -> list[Finding]:
+    """Analyse a study's datasets; one :class:`Finding` per dataset, in order.
+
+    An image whose pixels cannot be decoded gets a ``NOT_ANALYSED`` finding whose reason
+    says so (and, with an ``audit``, a FAILED result row); the others go on. With an
+    ``audit``, one result row per image is recorded.
+
+    Raises:
+        ModelNotFound: no router is registered.
+    """
+    analyzer = get_analyzer(settings)
+    router = ModelId(analyzer.router_manifest.name, analyzer.router_manifest.version)
+    inputs: list[ImageInput] = []
+    failed: dict[int, str] = {}
+    for index, ds in enumerate(datasets):
+        try:
+            inputs.append(to_image_input(ds))
+        except UnreadableInstance as exc:
+            log.error("%s", exc)
+            failed[index] = f"pixel data could not be decoded: {exc}"
+    analysed = iter(analyzer.analyse(inputs))
+    findings: list[Finding] = []
+    for index, ds in enumerate(datasets):
+        if index in failed:
+            finding = Finding(
+                sop_instance_uid=str(ds.get("SOPInstanceUID", "")),
+                status=FindingStatus.NOT_ANALYSED,
+                body_part=None,
+                body_part_confidence=0.0,
+                router=router,
+                reason=failed[index],
+            )
+        else:
+            finding = next(analysed)
+        findings.append(finding)
+        if audit is not None:
+            _record(audit, ds, finding, job_id, failed=index in failed)
+    return findings
+
+
+def _record(audit: Audit, ds: Dataset, finding: Finding, job_id: int | None, failed: bool) -> None:
+    if failed:
+        status = ResultStatus.FAILED
+    elif finding.status == FindingStatus.ANALYSED:
+        status = ResultStatus.ANALYSED
+    else:
+        status = ResultStatus.NOT_ANALYSED
+    audit.result_recorded(
+        sop_instance_uid=finding.sop_instance_uid,
+        status=status,
+        job_id=job_id,
+        study_instance_uid=str(ds.get("StudyInstanceUID", "")) or None,
+        body_part=finding.body_part,
+        body_part_confidence=finding.body_part_confidence,
+        fracture_probability=finding.fracture_probability,
+        fracture_present=finding.fracture_present,
+        threshold=finding.threshold,
+        models=finding.models,
+        timings_ms=finding.timings_ms,
+        reason=finding.reason,
+    )
+
+
+__all__ = ["analyse_datasets", "get_analyzer", "load_datasets", "to_image_input"]

@@ -39,11 +39,20 @@ FORWARDED_SOP_CLASSES: tuple[str, ...] = (
 )
 
 _FORWARD_LUA = """\
--- Forward CR/DX radiographs to boneflow; never send boneflow's own results back.
-local FORWARDED = {{{sop_classes}}}
+-- boneflow auto-forwarding for Orthanc: every CR/DX radiograph stored in Orthanc is sent
+-- to the "{modality}" modality (see DicomModalities). boneflow's own results (SR, Secondary
+-- Capture) are never forwarded back, so nothing loops: only CR/DX SOP classes are
+-- forwarded, and nothing that boneflow itself stored. Keep BONEFLOW_AE equal to the
+-- AE title of the "{modality}" modality.
+local BONEFLOW_AE = '{boneflow_ae}'
+local FORWARDED = {{
+  ['1.2.840.10008.5.1.4.1.1.1'] = true,      -- Computed Radiography Image Storage
+  ['1.2.840.10008.5.1.4.1.1.1.1'] = true,    -- Digital X-Ray Image Storage - For Presentation
+  ['1.2.840.10008.5.1.4.1.1.1.1.1'] = true,  -- Digital X-Ray Image Storage - For Processing
+}}
 
 function OnStoredInstance(instanceId, tags, metadata, origin)
-  if origin['RemoteAet'] == '{boneflow_ae}' then
+  if origin['RemoteAet'] == BONEFLOW_AE then
     return
   end
   local modality = tags['Modality']
@@ -317,8 +326,8 @@ class Orthanc:
 
 
 def forward_script(boneflow_ae_title: str) -> str:
-    """The Lua ``OnStoredInstance`` script that forwards CR/DX images to boneflow."""
-    sop_classes = ", ".join(f"['{uid}'] = true" for uid in FORWARDED_SOP_CLASSES)
-    return _FORWARD_LUA.format(
-        sop_classes=sop_classes, boneflow_ae=boneflow_ae_title, modality=BONEFLOW_MODALITY
-    )
+    """The Lua ``OnStoredInstance`` script that forwards CR/DX images to boneflow.
+
+    ``docker/orthanc/forward.lua`` is this script for the AE title ``BONEFLOW``.
+    """
+    return _FORWARD_LUA.format(boneflow_ae=boneflow_ae_title, modality=BONEFLOW_MODALITY)

@@ -324,10 +324,22 @@ class Analyzer:
             if manifest.task == "fracture":
                 layer = gradcam_layer(manifest.architecture)
                 self._cams[manifest.model_id] = FractureGradCAM(network, layer)
+            self._warm_up(manifest)
             log.info(
                 "loaded model %s on %s in %.0f ms", manifest.model_id, self.device, _ms_since(t0)
             )
         return loaded
+
+    def _warm_up(self, manifest: ModelManifest) -> None:
+        """One pass on a blank input, so that the first study's timings are real ones."""
+        blank = np.zeros((1, manifest.input_size, manifest.input_size), dtype=np.float32)
+        batch = self._batch([blank])
+        with self._autocast():
+            if manifest.task == "fracture":
+                self._cams[manifest.model_id](batch)
+            else:
+                with torch.inference_mode():
+                    self._models[manifest.model_id].network(batch)
 
     def _batch(self, arrays: Sequence[FloatArray]) -> torch.Tensor:
         batch = torch.from_numpy(np.stack(arrays)).to(self.device, non_blocking=True)

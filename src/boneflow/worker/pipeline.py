@@ -25,6 +25,7 @@ from boneflow.models.registry import Registry
 
 log = logging.getLogger(__name__)
 
+UNDECODABLE = "pixel data could not be decoded"  # reason prefix of a failed image
 _analyzers: dict[tuple[str, str], Analyzer] = {}  # one per process, see get_analyzer
 
 
@@ -95,7 +96,7 @@ def analyse_datasets(
             inputs.append(to_image_input(ds))
         except UnreadableInstance as exc:
             log.error("%s", exc)
-            failed[index] = f"pixel data could not be decoded: {exc}"
+            failed[index] = f"{UNDECODABLE}: {exc}"
     analysed = iter(analyzer.analyse(inputs))
     findings: list[Finding] = []
     for index, ds in enumerate(datasets):
@@ -139,4 +140,4 @@ def _record(audit: Audit, ds: Dataset, finding: Finding, job_id: int | None, fai
     )
 
 
-__all__ = ["analyse_datasets", "get_analyzer", "load_datasets", "to_image_input"]
+__all__ = ["UNDECODABLE", "analyse_datasets", "get_analyzer", "load_datasets", "to_image_input"]

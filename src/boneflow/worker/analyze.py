@@ -1,0 +1,214 @@
+"""``boneflow analyze PATH... [--out DIR] [--json]``: the analysis on local files, no network.
+
+Files and folders (searched recursively) are read, grouped by study, analysed in batches
+with the registered models and printed as a table or as JSON (one object per file). With
+``--out``, a PNG of each heat map is written, and the SR and Secondary Captures when the
+results builder (``boneflow.dicom.results``) is available. Nothing is written to the audit
+log: this is a local tool. Exit status 0 when every file was read, 1 when some could not
+be, 2 when there are no models.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+
+from boneflow.config import Settings
+from boneflow.errors import BoneflowError, ModelNotFound
+from boneflow.findings import Finding, FindingStatus
+from boneflow.worker.pipeline import UNDECODABLE, analyse_datasets
+
+log = logging.getLogger(__name__)
+
+BATCH = 16
+
+
+def analyze_files(
+    settings: Settings, paths: Sequence[Path], out_dir: Path | None, as_json: bool
+) -> int:
+    """Analyse local DICOM files and print the findings; see the module docstring."""
+    records: list[dict[str, Any]] = []
+    loaded: list[tuple[Path, Dataset]] = []
+    for path in _files(paths, records):
+        try:
+            loaded.append((path, dcmread(path)))
+        except (OSError, InvalidDicomError, ValueError, EOFError) as exc:
+            records.append(_failed(path, f"not a readable DICOM file: {exc}"))
+
+    by_study: dict[str, list[tuple[Path, Dataset]]] = {}
+    for path, ds in loaded:
+        by_study.setdefault(str(ds.get("StudyInstanceUID", "")), []).append((path, ds))
+    writer = _Writer(out_dir) if out_dir is not None else None
+    try:
+        for study, members in by_study.items():
+            for start in range(0, len(members), BATCH):
+                chunk = members[start : start + BATCH]
+                findings = analyse_datasets(settings, None, [ds for _, ds in chunk])
+                for (path, ds), finding in zip(chunk, findings, strict=True):
+                    records.append(_record(path, ds, finding))
+                    if writer is not None:
+                        writer.heatmap(path, ds, finding)
+                if writer is not None:
+                    writer.results(study, [ds for _, ds in chunk], findings)
+    except ModelNotFound as exc:
+        print(f"boneflow: {exc} (train some with: boneflow train --demo)", file=sys.stderr)
+        return 2
+    _print(records, as_json)
+    if writer is not None and writer.note:
+        print(writer.note, file=sys.stderr)
+    return 1 if any(r["status"] == "failed" for r in records) else 0
+
+
+# --- helpers -----------------------------------------------------------------------------------
+
+
+def _files(paths: Sequence[Path], records: list[dict[str, Any]]) -> Iterator[Path]:
+    for path in paths:
+        if path.is_dir():
+            yield from (p for p in sorted(path.rglob("*")) if p.is_file())
+        elif path.is_file():
+            yield path
+        else:
+            records.append(_failed(path, "no such file or folder"))
+
+
+def _failed(path: Path, reason: str) -> dict[str, Any]:
+    return {"path": str(path), "status": "failed", "reason": reason}
+
+
+def _record(path: Path, ds: Dataset, finding: Finding) -> dict[str, Any]:
+    models: dict[str, Any] = {
+        "router": {"name": finding.router.name, "version": finding.router.version},
+        "fracture": None,
+    }
+    if finding.fracture_model is not None:
+        models["fracture"] = {
+            "name": finding.fracture_model.name,
+            "version": finding.fracture_model.version,
+        }
+    box = finding.hotspot
+    failed = finding.reason is not None and finding.reason.startswith(UNDECODABLE)
+    return {
+        "path": str(path),
+        "sop_instance_uid": finding.sop_instance_uid,
+        "study_instance_uid": str(ds.get("StudyInstanceUID", "")),
+        "status": "failed" if failed else str(finding.status),
+        "body_part": finding.body_part,
+        "body_part_confidence": round(finding.body_part_confidence, 4),
+        "fracture_probability": _round(finding.fracture_probability),
+        "fracture_present": finding.fracture_present,
+        "threshold": _round(finding.threshold),
+        "reason": finding.reason,
+        "laterality": finding.laterality,
+        "models": models,
+        "hotspot": None
+        if box is None
+        else {
+            "row_min": box.row_min,
+            "col_min": box.col_min,
+            "row_max": box.row_max,
+            "col_max": box.col_max,
+        },
+        "timings_ms": dict(finding.timings_ms),
+    }
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 4)
+
+
+def _print(records: list[dict[str, Any]], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(records, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="boneflow analyze (not for diagnostic use)")
+    for column in ("file", "body part", "P(fracture)", "decision", "models", "ms"):
+        table.add_column(column)
+    for r in records:
+        if r["status"] == "failed" or r["status"] == str(FindingStatus.NOT_ANALYSED):
+            part = r.get("body_part") or "-"
+            table.add_row(Path(r["path"]).name, part, "-", f"not analysed: {r['reason']}", "", "")
+            continue
+        models = r["models"]
+        names = f"{models['router']['name']}@{models['router']['version']}, "
+        names += f"{models['fracture']['name']}@{models['fracture']['version']}"
+        decision = "fracture" if r["fracture_present"] else "no fracture"
+        table.add_row(
+            Path(r["path"]).name,
+            f"{r['body_part']} ({r['body_part_confidence']:.2f})",
+            f"{r['fracture_probability']:.3f}",
+            f"{decision} (threshold {r['threshold']:.2f})",
+            names,
+            f"{r['timings_ms'].get('total', 0.0):.0f}",
+        )
+    Console().print(table)
+
+
+class _Writer:
+    """What ``--out`` writes: heat-map PNGs, and SR + SC files when the builder exists."""
+
+    def __init__(self, out_dir: Path) -> None:
+        self.out_dir = out_dir
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.note = ""
+        try:
+            self._results: Any = importlib.import_module("boneflow.dicom.results")
+        except ImportError:
+            self._results = None
+            self.note = "boneflow: SR/SC output is not available yet; wrote heat-map PNGs only"
+
+    def heatmap(self, path: Path, ds: Dataset, finding: Finding) -> None:
+        if finding.heatmap is None:
+            return
+        import cv2
+
+        from boneflow.dicom.pixels import read_pixels
+
+        overlay = _overlay(read_pixels(ds), finding.heatmap)
+        target = self.out_dir / f"{path.stem}.heatmap.png"
+        if not cv2.imwrite(str(target), overlay):
+            log.error("could not write %s", target)
+
+    def results(self, study: str, datasets: list[Dataset], findings: list[Finding]) -> None:
+        if self._results is None:
+            return
+        try:
+            objects = self._results.build_result_objects(datasets, findings, predecessor=None)
+        except (BoneflowError, ValueError, TypeError, AttributeError) as exc:
+            print(f"boneflow: could not build the SR/SC for study {study}: {exc}", file=sys.stderr)
+            return
+        folder = self.out_dir / (study or "unknown-study")
+        folder.mkdir(parents=True, exist_ok=True)
+        for obj in [objects.sr, *objects.secondary_captures]:
+            obj.save_as(folder / f"{obj.SOPInstanceUID}.dcm", enforce_file_format=True)
+
+
+def _overlay(pixels: npt.NDArray[np.float32], heatmap: npt.NDArray[np.float32]) -> Any:
+    """Grey radiograph with the heat map in colour, at most 1024 px on the long side."""
+    import cv2
+
+    scale = min(1.0, 1024 / max(pixels.shape))
+    size = (max(1, round(pixels.shape[1] * scale)), max(1, round(pixels.shape[0] * scale)))
+    grey = cv2.resize((np.clip(pixels, 0, 1) * 255).astype(np.uint8), size)
+    heat = cv2.resize((np.clip(heatmap, 0, 1) * 255).astype(np.uint8), size)
+    colour = cv2.applyColorMap(heat, cv2.COLORMAP_JET)
+    base = cv2.cvtColor(grey, cv2.COLOR_GRAY2BGR)
+    alpha = (heat.astype(np.float32) / 255.0 * 0.5)[..., None]
+    return (base * (1 - alpha) + colour * alpha).astype(np.uint8)
+
+
+__all__ = ["analyze_files"]

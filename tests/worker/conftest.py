@@ -11,6 +11,7 @@ import pytest
 from boneflow.config import Settings
 from boneflow.db.audit import Audit, InstanceStatus
 from boneflow.db.migrate import upgrade
+from boneflow.dicom.receiver import Receiver, start_receiver
 
 
 def make_settings(data_dir: Path, **overrides: object) -> Settings:
@@ -48,3 +49,23 @@ def audit(settings: Settings) -> Iterator[Audit]:
         yield opened
     finally:
         opened.close()
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Small real models, registered once for all the worker integration tests."""
+    from tests.model_fixtures import make_test_models
+
+    folder = tmp_path_factory.mktemp("models")
+    make_test_models(folder)
+    return folder
+
+
+@pytest.fixture
+def receiver(tmp_path: Path) -> Iterator[Receiver]:
+    """A receiving node: the destination results are sent to."""
+    node = start_receiver(tmp_path / "received", ae_title="DEST")
+    try:
+        yield node
+    finally:
+        node.stop()

@@ -13,7 +13,9 @@ model versions recorded with its result identify the analysis.
 
 from __future__ import annotations
 
+import json
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,8 +24,10 @@ from pydicom.dataset import Dataset
 from sqlalchemy import select
 
 from boneflow.config import Settings
-from boneflow.db.audit import Audit, JobKind, JobState
+from boneflow.db.audit import Audit, JobKind, JobState, ResultStatus
 from boneflow.db.schema import Instance, Job, JobInstance, JobStateChange, OutboxItem, Result
+from boneflow.errors import UnreadableInstance
+from boneflow.findings import Finding, FindingStatus
 
 log = logging.getLogger(__name__)
 
@@ -84,10 +88,51 @@ def run_analysis(settings: Settings, audit: Audit, job: JobRecord) -> list[int]:
         return produced
     paths = [i.spool_path for i in job.instances if i.spool_path is not None]
     datasets = load_datasets(paths)
-    findings = analyse_datasets(settings, audit, datasets, job_id=job.job_id)
+    if not datasets:
+        raise UnreadableInstance(f"none of the {len(job.instances)} spooled files is readable")
+    recorded = recorded_results(audit, job.job_id)
+    # An earlier attempt that died after recording results: analyse again (same models,
+    # same images, same findings) but record only what is missing.
+    findings = analyse_datasets(settings, None if recorded else audit, datasets, job.job_id)
+    if recorded:
+        for ds, finding in zip(datasets, findings, strict=True):
+            if (finding.sop_instance_uid, _models_key(finding.models)) not in recorded:
+                record_result(audit, ds, finding, job.job_id)
     predecessor = previous_report(audit, job)
     objects = build_result_objects(datasets, findings, predecessor=predecessor)
     return list(enqueue_results(settings, audit, objects, job.job_id))
+
+
+def recorded_results(audit: Audit, job_id: int) -> set[tuple[str, str]]:
+    """(SOP Instance UID, models) of the results ``job_id`` has recorded so far."""
+    with audit.session() as session:
+        rows = session.execute(
+            select(Result.sop_instance_uid, Result.models).where(Result.job_id == job_id)
+        ).all()
+    return {(uid, _models_key(json.loads(models or "{}"))) for uid, models in rows}
+
+
+def record_result(audit: Audit, ds: Dataset, finding: Finding, job_id: int) -> None:
+    """Record one image's result (used when an earlier attempt recorded only some)."""
+    analysed = finding.status == FindingStatus.ANALYSED
+    audit.result_recorded(
+        sop_instance_uid=finding.sop_instance_uid,
+        status=ResultStatus.ANALYSED if analysed else ResultStatus.NOT_ANALYSED,
+        job_id=job_id,
+        study_instance_uid=str(ds.get("StudyInstanceUID", "")) or None,
+        body_part=finding.body_part,
+        body_part_confidence=finding.body_part_confidence,
+        fracture_probability=finding.fracture_probability,
+        fracture_present=finding.fracture_present,
+        threshold=finding.threshold,
+        models=finding.models,
+        timings_ms=finding.timings_ms,
+        reason=finding.reason,
+    )
+
+
+def _models_key(models: Mapping[str, str]) -> str:
+    return json.dumps(dict(models), sort_keys=True)
 
 
 def outbox_items_of_job(audit: Audit, job_id: int) -> list[int]:
@@ -99,12 +144,6 @@ def outbox_items_of_job(audit: Audit, job_id: int) -> list[int]:
                 select(OutboxItem.id).where(OutboxItem.job_id == job_id).order_by(OutboxItem.id)
             )
         ]
-
-
-def results_of_job(audit: Audit, job_id: int) -> list[str]:
-    """SOP Instance UIDs that have a result row recorded by ``job_id``."""
-    with audit.session() as session:
-        return list(session.scalars(select(Result.sop_instance_uid).where(Result.job_id == job_id)))
 
 
 def previous_report(audit: Audit, job: JobRecord) -> Dataset | None:

@@ -1,0 +1,96 @@
+"""``boneflow serve`` on the embedded broker: the round trip, a SIGKILL, a clean shutdown.
+
+No Redis: the queue lives in DATA_DIR/broker. The same task code as production runs in
+the worker processes ``serve`` starts.
+"""
+
+from __future__ import annotations
+
+import urllib.request
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from boneflow.config import Destination, Settings
+from boneflow.db.audit import Audit, JobState
+from boneflow.db.migrate import upgrade
+from boneflow.dicom.receiver import Receiver
+from tests.conftest import free_port, wait_for
+from tests.worker.nodes import (
+    BoneflowProcess,
+    jobs_of,
+    make_study,
+    received,
+    result_rows,
+    send,
+    wait_for_echo,
+    wait_for_results,
+)
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+@pytest.fixture
+def serve_settings(tmp_path: Path, model_dir: Path, receiver: Receiver) -> Settings:
+    settings = Settings(
+        data_dir=tmp_path / "data",
+        model_dir=model_dir,
+        port=free_port(),
+        metrics_port=free_port(),
+        settle_seconds=0.5,
+        destinations=(Destination("dimse", "DEST", "127.0.0.1", receiver.port),),
+    )
+    upgrade(settings.resolved_database_url)
+    return settings
+
+
+def test_serve_round_trip_survives_sigkill_and_stops_cleanly(
+    serve_settings: Settings, receiver: Receiver, tmp_path: Path
+) -> None:
+    audit = Audit.open(serve_settings.resolved_database_url)
+    node = BoneflowProcess(["serve"], serve_settings, tmp_path / "serve-1.log")
+    try:
+        wait_for_echo(serve_settings, node)
+        first = make_study(2)
+        send(serve_settings, first)
+        wait_for_results(receiver, str(first[0].StudyInstanceUID), 2, node)
+
+        # SIGKILL the whole tree while it analyses the next study.
+        second = make_study(6)
+        uid = str(second[0].StudyInstanceUID)
+        send(serve_settings, second)
+
+        def running() -> bool:
+            jobs = jobs_of(audit, uid)
+            return bool(jobs) and jobs[0][1] == JobState.RUNNING
+
+        wait_for(running, "the second job to start", 120)
+        node.kill_group()
+        node.close()
+        assert received(receiver, uid) == (0, 0)
+
+        node = BoneflowProcess(["serve"], serve_settings, tmp_path / "serve-2.log")
+        wait_for_echo(serve_settings, node)
+        wait_for_results(receiver, uid, len(second), node)
+        ((job_id, _state, _attempt),) = jobs_of(audit, uid)
+        wait_for(lambda: audit.job_state(job_id) == (JobState.SUCCEEDED, 2), "job success", 60)
+        assert received(receiver, uid) == (1, len(second))
+        assert received(receiver, str(first[0].StudyInstanceUID)) == (1, 2)
+        assert result_rows(audit, uid) == len(second)
+
+        url = f"http://127.0.0.1:{serve_settings.metrics_port}/metrics"
+        text = urllib.request.urlopen(url, timeout=10).read().decode()
+        samples = {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+        }
+        assert samples[("boneflow_images_received_total", (("status", "stored"),))] == 8
+        assert samples[("boneflow_jobs", (("state", "succeeded"),))] == 2
+        assert samples[("boneflow_broker_up", ())] == 1
+
+        assert node.terminate(timeout_seconds=60) == 0  # SIGTERM: a clean shutdown
+    finally:
+        node.close()
+        audit.close()

@@ -147,6 +147,7 @@ def run_worker(
         without_mingle=True,
         without_gossip=True,
         loglevel=settings.log_level,
+        quiet=settings.log_json,  # the banner only with plain logs
     )
     try:
         worker.start()

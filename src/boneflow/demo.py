@@ -161,7 +161,7 @@ def ensure_demo_models(settings: Settings, console: Console) -> Path:
         return model_dir
     except ModelNotFound:
         pass
-    from boneflow.training.train import train_demo_models
+    from boneflow.training.demo import train_demo_models
 
     console.print(
         f"No models in {model_dir}: training small demo models on synthetic radiographs "

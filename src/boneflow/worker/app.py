@@ -119,7 +119,7 @@ def create_app(settings: Settings) -> BoneflowCelery:
         from boneflow.worker.embedded import transport_options
 
         app.conf.update(
-            broker_url="filesystem://",
+            broker_url="filesystem://localhost/",
             broker_transport="boneflow.worker.embedded:Transport",
             broker_transport_options=transport_options(settings.data_dir),
         )

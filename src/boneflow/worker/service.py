@@ -22,10 +22,13 @@ from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
 from types import FrameType
 
+from sqlalchemy.exc import OperationalError
+
 from boneflow.config import Settings
 from boneflow.db.audit import Audit
 from boneflow.db.migrate import upgrade
 from boneflow.dicom.spool import StoredInstance
+from boneflow.errors import BoneflowError
 from boneflow.logs import configure_logging
 from boneflow.worker import metrics
 from boneflow.worker.app import (
@@ -43,6 +46,7 @@ from boneflow.worker.settle import SettleLoop, stale_jobs, unsent_outbox_items
 log = logging.getLogger(__name__)
 
 SHUTDOWN_GRACE_SECONDS = 30.0
+DATABASE_WAIT_SECONDS = 300.0
 DISPATCH_THREADS = 4
 
 
@@ -158,11 +162,26 @@ def run_worker(
     return int(worker.exitcode or 0)
 
 
-def prepare(settings: Settings) -> None:
-    """Create DATA_DIR's folders and bring the database schema up to date."""
+def prepare(settings: Settings, wait_seconds: float = DATABASE_WAIT_SECONDS) -> None:
+    """Create DATA_DIR's folders and bring the database schema up to date.
+
+    A database that does not answer yet (it is starting too) is waited for.
+
+    Raises:
+        BoneflowError: the database did not answer within ``wait_seconds``.
+    """
     for folder in (settings.data_dir, settings.spool_dir, settings.outbox_dir):
         folder.mkdir(parents=True, exist_ok=True)
-    upgrade(settings.resolved_database_url)
+    deadline = time.monotonic() + wait_seconds
+    while True:
+        try:
+            upgrade(settings.resolved_database_url)
+            return
+        except OperationalError as exc:
+            if time.monotonic() > deadline:
+                raise BoneflowError(f"the database does not answer: {exc.orig}") from None
+            log.warning("waiting for the database (%s)", exc.orig)
+            time.sleep(2.0)
 
 
 class Node:
@@ -193,7 +212,12 @@ class Node:
         self.settle.recover()
         self.settle.start()
 
-        listener = start_listener(self.settings, self.audit, note_stored)
+        try:
+            listener = start_listener(self.settings, self.audit, note_stored)
+        except OSError as exc:
+            self.settle.stop()
+            where = f"{self.settings.host}:{self.settings.port}"
+            raise BoneflowError(f"cannot listen on {where}: {exc.strerror or exc}") from None
         self._listener = listener
         self.port = int(listener.port)
         self._metrics = metrics.start_metrics_server(self.settings, self.app, self.audit)

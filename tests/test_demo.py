@@ -179,3 +179,110 @@ def test_findings_table_lists_every_image_with_its_call_or_reason() -> None:
     assert "0.912 (thr 0.50)" in text and "fracture" in text and "r@1, arm@1" in text
     assert "not analysed" in text and "no model" in text
     assert "not for diagnostic use" in text
+
+
+# ---- the whole demo -----------------------------------------------------------------------
+
+
+def _check_demo_output(out_dir: Path, printed: str) -> None:
+    """Every sample has a finding in the table and in findings.json, with result files."""
+    import json
+
+    summary = json.loads((out_dir / "findings.json").read_text())
+    images = summary["images"]
+    labels = [image["image"] for image in images]
+    assert len(labels) == 5 and labels[-1] == "real-RG3_UNCR"
+    assert sum(label.startswith("synthetic-") for label in labels) == 4
+    for image in images:
+        assert image["image"] in printed
+        assert image["status"] in {"analysed", "not_analysed"}
+        assert image["body_part"]
+        folder = out_dir / "results" / image["image"]
+        srs = list(folder.glob("sr-*.dcm"))
+        scs = list(folder.glob("sc-*.dcm"))
+        assert len(srs) == 1, f"{image['image']}: one SR"
+        if image["status"] == "analysed":
+            assert image["fracture_probability"] is not None
+            assert f"{image['fracture_probability']:.3f}" in printed
+            assert len(scs) == 1 and scs[0].with_suffix(".png").is_file()
+            sc = pydicom.dcmread(scs[0])
+            assert sc.StudyInstanceUID == image["study_instance_uid"]
+        else:
+            assert image["reason"] and not scs
+        sr = pydicom.dcmread(srs[0])
+        assert sr.StudyInstanceUID == image["study_instance_uid"]
+    assert "not for diagnostic use" in printed
+
+
+def _no_process_left(folder: Path) -> None:
+    """No process runs whose command line or environment names ``folder``."""
+    import os
+
+    left = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            text = (entry / "cmdline").read_bytes() + (entry / "environ").read_bytes()
+        except OSError:
+            continue  # gone meanwhile, or not ours to read
+        if str(folder).encode() in text:
+            left.append(entry.name)
+    assert not left, f"processes left behind: {left}"
+
+
+@pytest.fixture(scope="module")
+def demo_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.model_fixtures import make_test_models
+
+    model_dir = tmp_path_factory.mktemp("demo-models")
+    make_test_models(model_dir)
+    return model_dir
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_boneflow_demo_runs_the_round_trip_through_orthanc(
+    tmp_path: Path, demo_model_dir: Path
+) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from boneflow.orthanc import orthanc_executable
+
+    if orthanc_executable() is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("Orthanc is required in CI: apt-get install orthanc")
+        pytest.skip("Orthanc is not installed")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BONEFLOW_")}
+    env |= {"BONEFLOW_MODEL_DIR": str(demo_model_dir), "BONEFLOW_DEVICE": "cpu"}
+    done = subprocess.run(
+        [sys.executable, "-m", "boneflow", "demo", "--out", str(tmp_path / "demo")],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Orthanc explorer: http://127.0.0.1:" in done.stderr
+    _check_demo_output(tmp_path / "demo", done.stdout)
+    _no_process_left(tmp_path)
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_demo_without_orthanc_uses_the_built_in_receiver(
+    tmp_path: Path, demo_model_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    import boneflow.demo
+
+    monkeypatch.setattr(boneflow.demo, "orthanc_executable", lambda: None)  # "not installed"
+    settings = Settings(data_dir=tmp_path / "data", model_dir=demo_model_dir, device="cpu")
+    assert boneflow.demo.run_demo(settings, tmp_path / "demo") == 0
+    printed = capsys.readouterr()
+    assert "built-in receiver" in printed.err
+    assert any((tmp_path / "demo" / "received").rglob("*.dcm"))
+    _check_demo_output(tmp_path / "demo", printed.out)
+    _no_process_left(tmp_path)

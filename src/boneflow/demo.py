@@ -134,9 +134,9 @@ def run_demo(settings: Settings, out_dir: Path, keep_open: bool = False) -> int:
             node = replace(node, destinations=(receiver_node,))
             node = _allow(node, SENDER_AE_TITLE)
         console.print(f"Starting the node {node.ae_title}@127.0.0.1:{node.port} ({node.data_dir})")
-        stack.enter_context(start_node(node, out_dir / "node.log"))
+        process = stack.enter_context(start_node(node, out_dir / "node.log"))
         _send_samples(node, samples, orthanc, console)
-        results = wait_for_results(node, samples, console)
+        results = wait_for_results(node, samples, console, node_process=process)
         files = collect_result_files(results, orthanc, received_dir, out_dir / "results")
         print_findings(results, Console())
         _write_summary(out_dir, results, files)
@@ -303,11 +303,12 @@ def wait_for_results(
     samples: Sequence[Sample],
     console: Console,
     timeout_seconds: float = RESULTS_TIMEOUT_SECONDS,
+    node_process: NodeProcess | None = None,
 ) -> list[SampleResult]:
     """Wait until every sample has a result and every result object has been delivered.
 
     Raises:
-        DemoError: the time is up (what is missing is named).
+        DemoError: the time is up (what is missing is named), or the node died.
     """
     audit = Audit.open(settings.resolved_database_url)
     try:
@@ -318,6 +319,8 @@ def wait_for_results(
                 done = len(results) == len(samples) and pending == 0
                 if done:
                     return [results[s.sop_instance_uid] for s in samples]
+                if node_process is not None and not node_process.running:
+                    raise DemoError(f"the node stopped:\n{node_process.log_tail()}")
                 if time.monotonic() > deadline:
                     raise DemoError(
                         f"after {timeout_seconds:.0f} s, {len(results)}/{len(samples)} images "

@@ -160,6 +160,7 @@ class _Ingest:
         self._audit_association(assoc, accepted=False, reason="calling AE title not allowed")
         log.warning("refused association from %s@%s", calling, assoc.requestor.address)
         assoc.acse.send_reject(0x01, 0x01, 0x03)  # rejected-permanent, calling AE unknown
+        assoc.kill()  # as pynetdicom does after its own rejections: waits for the RJ to go out
 
     def on_accepted(self, event: Any) -> None:
         setattr(event.assoc, _ASSOC_ID, self._audit_association(event.assoc, accepted=True))

@@ -156,7 +156,7 @@ def raw_text(ds: Dataset, keyword: str, utf8: bool = False) -> str:
     """
     if keyword not in ds:
         return ""
-    element = ds.get_item(keyword)
+    element = ds.get_item(keyword, keep_deferred=True)
     value = element.value if element is not None else None
     if isinstance(value, bytes):
         text = value.decode("utf-8" if utf8 else "latin-1", errors="replace")
@@ -181,7 +181,7 @@ def is_native(transfer_syntax: str) -> bool:
 
 
 def _geometry(ds: Dataset) -> tuple[int, int, int]:
-    if "PixelData" not in ds and "FloatPixelData" not in ds:
+    if "PixelData" not in ds:
         raise HeaderProblem(0xA900, "no Pixel Data")
     values = []
     for keyword in ("Rows", "Columns"):
@@ -206,7 +206,7 @@ def _frames(ds: Dataset) -> int:
 
 def _check_pixel_data(ds: Dataset, transfer_syntax: str, pixels: int, file_size: int) -> None:
     """Find Pixel Data shorter than declared (native) or cut short (any syntax)."""
-    element = ds.get_item("PixelData")
+    element = ds.get_item("PixelData", keep_deferred=True)  # never reads the pixels
     if element is None:
         return
     length = getattr(element, "length", None)

@@ -44,6 +44,7 @@ def register_tasks(app: BoneflowCelery) -> None:
 
     @app.task(
         name=ANALYSE_TASK,
+        shared=False,
         bind=True,
         acks_late=True,
         reject_on_worker_lost=True,
@@ -53,10 +54,15 @@ def register_tasks(app: BoneflowCelery) -> None:
     )
     def analyse_study(self: AnyTask, job_id: int) -> None:
         """Analyse the images of one settled batch of a study; a no-op if already done."""
-        run_analyse_task(app, self, int(job_id))
+        try:
+            run_analyse_task(app, self, int(job_id))
+        except TRANSIENT_ERRORS as exc:  # the database is away: try again later
+            log.warning("analyse job %s: %s; retrying in 30 s", job_id, exc)
+            raise self.retry(exc=exc, countdown=30, max_retries=None) from None
 
     @app.task(
         name=SEND_TASK,
+        shared=False,
         bind=True,
         acks_late=True,
         reject_on_worker_lost=True,

@@ -33,6 +33,7 @@ from boneflow.db.schema import (
     JobStateChange,
     OutboxItem,
 )
+from boneflow.logs import log_context
 from boneflow.worker.locks import is_job_locked
 
 log = logging.getLogger(__name__)
@@ -118,12 +119,9 @@ def create_jobs(audit: Audit, settle_seconds: float) -> list[tuple[int, bool]]:
             instances=list(study.instances),
         )
         if created:
-            log.info(
-                "study %s settled: analyse job %s for %d images",
-                study.study_instance_uid,
-                job_id,
-                len(study.instances),
-            )
+            with log_context(study_instance_uid=study.study_instance_uid, job_id=job_id):
+                log.info("study settled: analyse job %s for %d images", job_id,
+                         len(study.instances))  # fmt: skip
         jobs.append((job_id, created))
     return jobs
 

@@ -17,6 +17,7 @@ from celery.exceptions import Retry, SoftTimeLimitExceeded
 from sqlalchemy.exc import OperationalError
 
 from boneflow.db.audit import FINAL_JOB_STATES, JobState
+from boneflow.db.schema import OutboxItem
 from boneflow.errors import DestinationUnavailable
 from boneflow.logs import log_context
 from boneflow.worker.app import (
@@ -78,7 +79,13 @@ def register_tasks(app: BoneflowCelery) -> None:
         from boneflow.worker.outbox import deliver
 
         audit = app.audit()
-        with log_context(outbox_item_id=outbox_item_id):
+        with audit.session() as session:
+            item = session.get(OutboxItem, int(outbox_item_id))
+        context = {
+            "study_instance_uid": item.study_instance_uid if item else None,
+            "job_id": item.job_id if item else None,
+        }
+        with log_context(outbox_item_id=outbox_item_id, **context):
             status = deliver(app.settings, audit, int(outbox_item_id))
             log.info("outbox item %s: %s", outbox_item_id, status)
 

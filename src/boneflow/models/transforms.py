@@ -189,7 +189,7 @@ def robust_normalise(image: FloatArray, lower: float = 0.5, upper: float = 99.5)
         raise ValueError("image holds no finite pixel values")
     low, high = np.percentile(finite, (lower, upper))
     span = float(high - low)
-    if span <= 0:  # a flat image: keep it flat rather than divide by zero
+    if span <= 1e-6 * max(1.0, abs(float(high))):  # flat (up to resampling noise): keep it flat
         return np.zeros(image.shape, dtype=np.float32)
     out = (np.nan_to_num(image, nan=float(low)) - np.float32(low)) * np.float32(1.0 / span)
     return np.clip(out, 0.0, 1.0, out=out).astype(np.float32, copy=False)

@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
@@ -34,6 +35,13 @@ def radiograph(name: str) -> Path:
     found = get_testdata_file(name)
     assert found is not None, f"pydicom-data lacks {name} (pip install pydicom-data)"
     return Path(str(found))
+
+
+def dataset_bytes(path: Path) -> bytes:
+    """The encoded dataset of a DICOM file, without preamble and file meta."""
+    meta = pydicom.filereader.read_file_meta_info(path)
+    offset = 132 + 12 + int(meta.FileMetaInformationGroupLength)
+    return path.read_bytes()[offset:]
 
 
 def poll(predicate: Callable[[], object], what: str, seconds: float = 20.0) -> None:

@@ -31,6 +31,7 @@ from .conftest import (
     RADIOGRAPHS,
     STORESCU_PROPOSE,
     RunningListener,
+    dataset_bytes,
     dcmtk,
     free_port,
     poll,
@@ -38,13 +39,6 @@ from .conftest import (
 )
 
 pytestmark = pytest.mark.integration
-
-
-def dataset_bytes(path: Path) -> bytes:
-    """The encoded dataset of a DICOM file, without preamble and file meta."""
-    meta = pydicom.filereader.read_file_meta_info(path)
-    offset = 132 + 12 + int(meta.FileMetaInformationGroupLength)
-    return path.read_bytes()[offset:]
 
 
 def fresh(name: str = "RG1_UNCR.dcm") -> Dataset:

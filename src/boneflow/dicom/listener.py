@@ -371,6 +371,15 @@ class _BoundedSocket(AssociationSocket):
                     self._violate(f"dataset exceeds MAX_INSTANCE_BYTES {self._max_dataset}")
             offset += 4 + item_length
 
+    def _shutdown_socket(self) -> None:
+        """Close even when shutdown fails (pynetdicom skips close() then, leaking it)."""
+        sock = self.socket
+        if sock is None:
+            return
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+        sock.close()
+
     def _violate(self, reason: str) -> None:
         setattr(self, _VIOLATION, reason)
         raise ConnectionAbortedError(reason)  # the DUL treats it as a closed connection

@@ -169,6 +169,7 @@ def _store_batch(
     for context in _contexts([items[i] for i in batch]):
         ae.add_requested_context(context.abstract_syntax, context.transfer_syntax)
     assoc = _associate(ae, destination, settings)
+    raw_socket = assoc.dul.socket.socket  # pynetdicom may drop it unclosed on a reset
     try:
         for index in batch:
             item = items[index]
@@ -182,6 +183,8 @@ def _store_batch(
     finally:
         if assoc.is_established:
             assoc.release()
+        if raw_socket is not None:
+            raw_socket.close()  # idempotent
 
 
 def _make_ae(settings: Settings, calling_ae_title: str) -> Any:

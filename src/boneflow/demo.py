@@ -52,6 +52,8 @@ SYNTHETIC_SAMPLES: tuple[tuple[str, bool], ...] = (
     ("elbow", False),
 )
 REAL_SAMPLES: tuple[str, ...] = ("RG3_UNCR.dcm",)
+_SR_CLASS_PREFIX = "1.2.840.10008.5.1.4.1.1.88."  # the Structured Report storage classes
+_SC_CLASS_PREFIX = "1.2.840.10008.5.1.4.1.1.7"  # the Secondary Capture storage classes
 
 
 class DemoError(BoneflowError):
@@ -357,8 +359,8 @@ def collect_result_files(
             path = target / name
             path.write_bytes(data)
             written.append(path)
-            ds = pydicom.dcmread(path)
-            if str(ds.Modality) != "SR" and "PixelData" in ds:
+            if name.startswith("sc-"):
+                ds = pydicom.dcmread(path)
                 png = path.with_suffix(".png")
                 write_png(ds, png)
                 written.append(png)
@@ -538,21 +540,28 @@ def _sample_result(sample: Sample, row: Result) -> SampleResult:
 def _received_objects(
     study_instance_uid: str, orthanc: Orthanc | None, received_dir: Path
 ) -> Iterator[tuple[str, bytes]]:
-    """(file name, bytes) of every boneflow object the destination holds for a study."""
+    """(file name, bytes) of every SR and Secondary Capture the destination holds for a study."""
     if orthanc is not None:
         for instance in orthanc.study_instances(study_instance_uid):
-            if instance.modality in ("CR", "DX"):
-                continue  # the source radiograph itself
-            kind = "sr" if instance.modality == "SR" else "sc"
-            yield (
-                f"{kind}-{instance.sop_instance_uid}.dcm",
-                orthanc.instance_file(instance.orthanc_id),
-            )
+            kind = _kind(instance.sop_class_uid)
+            if kind:
+                data = orthanc.instance_file(instance.orthanc_id)
+                yield f"{kind}-{instance.sop_instance_uid}.dcm", data
         return
     for path in sorted((received_dir / study_instance_uid).rglob("*.dcm")):
         ds = pydicom.dcmread(path, stop_before_pixels=True)
-        kind = "sr" if str(ds.Modality) == "SR" else "sc"
-        yield f"{kind}-{ds.SOPInstanceUID}.dcm", path.read_bytes()
+        kind = _kind(str(ds.SOPClassUID))
+        if kind:
+            yield f"{kind}-{ds.SOPInstanceUID}.dcm", path.read_bytes()
+
+
+def _kind(sop_class_uid: str) -> str:
+    """ "sr" or "sc" for boneflow's result objects, "" for anything else (the sources)."""
+    if sop_class_uid.startswith(_SR_CLASS_PREFIX):
+        return "sr"
+    if sop_class_uid.startswith(_SC_CLASS_PREFIX):
+        return "sc"
+    return ""
 
 
 def _write_summary(out_dir: Path, results: Sequence[SampleResult], files: Sequence[Path]) -> None:

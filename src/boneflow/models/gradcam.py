@@ -118,10 +118,14 @@ def _log_odds(logits: torch.Tensor, index: int) -> torch.Tensor:
 
 
 def _to_unit_max(maps: torch.Tensor) -> torch.Tensor:
-    """Scale each map so that its maximum is 1; an all-zero map stays zero."""
-    flat = maps.reshape(maps.shape[0], -1)
-    peak = flat.max(dim=1).values.clamp_min(1e-12)
-    return (flat / peak[:, None]).reshape(maps.shape).float()
+    """Scale each map so that its maximum is 1; a map without evidence (all ~0) becomes 0."""
+    flat = maps.reshape(maps.shape[0], -1).float()
+    peak = flat.max(dim=1).values
+    scale = torch.where(peak > _NO_EVIDENCE, 1.0 / peak.clamp_min(_NO_EVIDENCE), 0.0)
+    return (flat * scale[:, None]).reshape(maps.shape)
+
+
+_NO_EVIDENCE = 1e-8  # a raw Grad-CAM peak below this is rounding noise, not a signal
 
 
 __all__ = ["FractureGradCAM", "hotspot"]

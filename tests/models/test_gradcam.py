@@ -1,0 +1,82 @@
+"""Grad-CAM: the one-pass map equals MONAI's own GradCAM, and the hotspot box."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from monai.visualize.class_activation_maps import GradCAM, ModelWithHooks
+
+from boneflow.findings import BoundingBox
+from boneflow.models.gradcam import FractureGradCAM, hotspot
+from boneflow.models.networks import build_network, gradcam_layer
+
+
+class _LogOddsHooks(ModelWithHooks):  # type: ignore[misc]
+    """Stock MONAI hooks (full backward pass) explaining the fracture log-odds."""
+
+    def class_score(self, logits: torch.Tensor, class_idx: int) -> torch.Tensor:
+        return logits[:, 1] - logits[:, 0]
+
+
+@pytest.mark.parametrize("architecture", ["resnet10", "resnet18"])
+def test_one_pass_gradcam_equals_monai_stock_gradcam(architecture: str) -> None:
+    torch.manual_seed(7)
+    network = build_network(architecture, 2).eval()
+    reference = build_network(architecture, 2).eval()
+    reference.load_state_dict(network.state_dict())
+    layer = gradcam_layer(architecture)
+    stock = GradCAM(
+        nn_module=_LogOddsHooks(reference, layer, register_forward=True, register_backward=True),
+        target_layers=layer,
+    )
+    x = torch.rand(3, 1, 96, 96)
+    raw = stock.compute_map(x, class_idx=1)[:, 0].detach()  # before MONAI's (inverting) normaliser
+    expected = torch.nn.functional.interpolate(raw[:, None], size=(96, 96), mode="bilinear")[:, 0]
+
+    logits, maps = FractureGradCAM(network, layer)(x)
+
+    with torch.inference_mode():
+        assert torch.allclose(logits, reference(x), atol=1e-5)
+    assert maps.shape == (3, 96, 96)
+    for got, want in zip(maps, expected, strict=True):
+        if float(want.max()) > 1e-8:
+            torch.testing.assert_close(got, want / want.max(), atol=1e-4, rtol=1e-3)
+        else:
+            assert float(got.max()) == 0.0
+    assert any(float(m.max()) > 1e-6 for m in expected)  # the comparison was not all-zero
+
+
+def test_a_map_without_evidence_is_zero() -> None:
+    torch.manual_seed(7)  # at this seed efficientnet-b0's raw maps are ~1e-14
+    network = build_network("efficientnet-b0", 2).eval()
+    _, maps = FractureGradCAM(network, gradcam_layer("efficientnet-b0"))(torch.rand(3, 1, 96, 96))
+    assert float(maps.max()) == 0.0
+    assert hotspot(maps[0].numpy()) is None
+
+
+def test_gradcam_leaves_no_gradients_and_plain_inference_still_works() -> None:
+    network = build_network("resnet10", 2).eval()
+    cam = FractureGradCAM(network, gradcam_layer("resnet10"))
+    cam(torch.rand(1, 1, 64, 64))
+    assert all(p.grad is None and not p.requires_grad for p in network.parameters())
+    with torch.inference_mode():
+        assert network(torch.rand(2, 1, 64, 64)).shape == (2, 2)
+
+
+def test_gradcam_runs_inside_inference_mode() -> None:
+    network = build_network("resnet10", 2).eval()
+    cam = FractureGradCAM(network, gradcam_layer("resnet10"))
+    with torch.inference_mode():
+        logits, maps = cam(torch.rand(2, 1, 64, 64))
+    assert logits.shape == (2, 2)
+    assert maps.shape == (2, 64, 64)
+
+
+def test_hotspot_is_the_region_around_the_peak() -> None:
+    heat = np.zeros((100, 80), dtype=np.float32)
+    heat[10:20, 5:15] = 0.6  # a lesser blob
+    heat[50:70, 30:45] = 0.8
+    heat[60, 40] = 1.0
+    assert hotspot(heat) == BoundingBox(row_min=50, col_min=30, row_max=70, col_max=45)
+    assert hotspot(np.zeros((5, 5), dtype=np.float32)) is None

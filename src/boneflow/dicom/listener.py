@@ -405,6 +405,7 @@ class _RequestHandler(RequestHandler):
                     reason=f"TLS handshake failed: {exc}",
                 )
                 log.warning("TLS handshake with %s failed: %s", self.client_address[0], exc)
+                self.server.shutdown_request(self.request)
                 return
         super().handle()
 

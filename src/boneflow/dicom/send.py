@@ -21,6 +21,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_file_meta_info
 from pynetdicom import AE, _config
 from pynetdicom.presentation import build_context
+from pynetdicom.transport import AssociationSocket
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -89,15 +90,13 @@ def send_command(
     Returns:
         0 when every file was stored (success or warning), 1 otherwise.
     """
-    console = Console(stderr=True)
-    files, skipped = _collect(paths)
-    for path, why in skipped:
-        console.print(f"skipped {path}: {why}")
-    if not files:
-        console.print("nothing to send")
-        return 1 if skipped else 0
+    console = Console(stderr=True, soft_wrap=True, markup=False, highlight=False)
+    files, failed, ignored = _collect(paths)
     counts: Counter[str] = Counter()
-    failed: list[tuple[Path, str]] = []
+    if failed:
+        counts["unreadable"] = len(failed)
+    if ignored:
+        counts["non-DICOM ignored"] = ignored
     started = time.monotonic()
     with Progress(
         TextColumn("sending"),
@@ -125,8 +124,8 @@ def send_command(
     for path, why in failed:
         console.print(f"failed {path}: {why}")
     summary = ", ".join(f"{count} {label}" for label, count in sorted(counts.items()))
-    print(f"{len(files)} files to {destination} in {elapsed:.1f} s: {summary}")
-    return 1 if failed or skipped else 0
+    print(f"{len(files)} files to {destination} in {elapsed:.1f} s: {summary or 'nothing sent'}")
+    return 1 if failed else 0
 
 
 def echo_command(
@@ -189,6 +188,7 @@ def _store_batch(
 
 def _make_ae(settings: Settings, calling_ae_title: str) -> Any:
     _config.STORE_SEND_CHUNKED_DATASET = True  # files go out in chunks, never fully loaded
+    _close_sockets_of_failed_connects()
     ae = AE(ae_title=calling_ae_title)
     ae.acse_timeout = settings.acse_timeout_seconds
     ae.dimse_timeout = settings.dimse_timeout_seconds
@@ -220,6 +220,29 @@ def _associate(ae: Any, destination: Destination, settings: Settings) -> Any:
         )
         raise DestinationUnavailable(f"{destination} rejected the association ({why})")
     raise DestinationUnavailable(f"cannot associate with {destination} (aborted or timed out)")
+
+
+def _close_sockets_of_failed_connects() -> None:
+    """Make pynetdicom close the socket of a TCP connect that fails.
+
+    ``AssociationSocket.connect`` sets its socket to None without closing it when the peer
+    refuses the connection, leaking a descriptor per failed attempt (and a ResourceWarning).
+    The wrapper keeps a reference and closes it. Installed once, idempotent.
+    """
+    original = AssociationSocket.connect
+    if getattr(original, "_boneflow", False):
+        return
+
+    def connect(self: AssociationSocket, primitive: Any) -> None:
+        raw = self.socket
+        try:
+            original(self, primitive)
+        finally:
+            if raw is not None and self.socket is None:
+                raw.close()
+
+    connect._boneflow = True  # type: ignore[attr-defined]
+    AssociationSocket.connect = connect  # type: ignore[method-assign]
 
 
 def _describe(item: Path | Dataset) -> _Item:
@@ -260,26 +283,34 @@ def _has_context(assoc: Any, item: _Item) -> bool:
     )
 
 
-def _collect(paths: Sequence[Path]) -> tuple[list[Path], list[tuple[Path, str]]]:
+def _collect(paths: Sequence[Path]) -> tuple[list[Path], list[tuple[Path, str]], int]:
+    """DICOM files under ``paths``: (files, failures, how many non-DICOM files were ignored).
+
+    A path named on the command line that is missing or not DICOM is a failure; other
+    files met while walking a folder (READMEs, DICOMDIR viewers) are only counted.
+    """
     files: list[Path] = []
-    skipped: list[tuple[Path, str]] = []
+    failures: list[tuple[Path, str]] = []
+    ignored = 0
     for root in paths:
         if not root.exists():
-            skipped.append((root, "does not exist"))
+            failures.append((root, "does not exist"))
             continue
-        candidates = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
+        walked = root.is_dir()
+        candidates = sorted(p for p in root.rglob("*") if p.is_file()) if walked else [root]
         for path in candidates:
             try:
                 meta = read_file_meta_info(path)
                 if "MediaStorageSOPClassUID" not in meta or "TransferSyntaxUID" not in meta:
                     raise InvalidDicomError("no file meta information")
             except (InvalidDicomError, OSError, ValueError) as exc:
-                if root.is_dir() and path.name.startswith("."):
-                    continue
-                skipped.append((path, f"not a DICOM file ({exc})"))
+                if walked:
+                    ignored += 1
+                else:
+                    failures.append((path, f"not a DICOM file ({exc})"))
                 continue
             files.append(path)
-    return files, skipped
+    return files, failures, ignored
 
 
 def _status_label(status: int) -> str:

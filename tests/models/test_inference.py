@@ -1,0 +1,214 @@
+"""The Analyzer on the real RG1 (chest) and RG3 (lower leg) radiographs with small real models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+import torch
+
+from boneflow.errors import ConfigError, ModelNotFound
+from boneflow.findings import BODY_PARTS, FindingStatus, ModelId
+from boneflow.models.inference import (
+    Analyzer,
+    ImageInput,
+    part_from_header,
+    resolve_device,
+)
+from boneflow.models.networks import build_network
+from boneflow.models.registry import ModelManifest, Registry
+from tests.models.conftest import RADIOGRAPHS, load_radiograph
+
+Pixels = dict[str, npt.NDArray[np.float32]]
+
+
+def _input(name: str, pixels: Pixels, hint: str | None = "from-header") -> ImageInput:
+    ds = load_radiograph(name)
+    part = str(ds.BodyPartExamined) if hint == "from-header" else hint
+    return ImageInput(str(ds.SOPInstanceUID), pixels[name], part, "R" if "RG3" in name else None)
+
+
+def test_rg1_chest_is_not_analysed_and_rg3_lower_leg_is(
+    analyzer: Analyzer, radiograph_pixels: Pixels
+) -> None:
+    images = [_input(name, radiograph_pixels) for name in RADIOGRAPHS]
+    findings = analyzer.analyse(images)
+    assert [f.sop_instance_uid for f in findings] == [i.sop_instance_uid for i in images]
+    for name, finding in zip(RADIOGRAPHS, findings, strict=True):
+        assert finding.router == ModelId("test-router", "1")
+        assert {"preprocess", "router", "total"} <= set(finding.timings_ms)
+        if name.startswith("RG1"):  # CHEST in the header: "other", no fracture model
+            assert finding.status == FindingStatus.NOT_ANALYSED
+            assert finding.body_part == "other"
+            assert finding.reason == "no fracture model covers body part 'other'"
+            assert finding.heatmap is None
+            assert finding.fracture_probability is None
+        else:  # EXTREMITY is too vague to be a prior; the router decides
+            assert finding.status == FindingStatus.ANALYSED
+            assert finding.body_part == "lower_leg"
+            assert finding.fracture_model == ModelId("test-fracture-leg", "1")
+            assert finding.laterality == "R"
+            assert finding.threshold == 0.5
+            probability = finding.fracture_probability
+            assert probability is not None
+            assert 0.0 <= probability <= 1.0
+            assert finding.fracture_present == (probability >= 0.5)
+            assert finding.heatmap is not None
+            assert finding.heatmap.shape == (1760, 1760)  # the source grid
+            assert finding.heatmap.dtype == np.float32
+            assert {"fracture", "heatmap"} <= set(finding.timings_ms)
+            assert finding.models == {
+                "router": "test-router@1",
+                "fracture": "test-fracture-leg@1",
+            }
+
+
+def test_results_agree_across_transfer_syntaxes(
+    analyzer: Analyzer, radiograph_pixels: Pixels
+) -> None:
+    by_name = {
+        name: f
+        for name, f in zip(
+            RADIOGRAPHS,
+            analyzer.analyse([_input(n, radiograph_pixels) for n in RADIOGRAPHS]),
+            strict=True,
+        )
+    }
+    for prefix in ("RG1", "RG3"):
+        plain, lossless, lossy = (by_name[f"{prefix}_{s}"] for s in ("UNCR", "J2KR", "J2KI"))
+        assert plain.body_part_confidence == lossless.body_part_confidence
+        assert plain.fracture_probability == lossless.fracture_probability
+        assert abs(plain.body_part_confidence - lossy.body_part_confidence) < 0.01
+        if plain.fracture_probability is not None:
+            assert lossy.fracture_probability is not None
+            assert abs(plain.fracture_probability - lossy.fracture_probability) < 0.02
+
+
+def test_batching_gives_the_same_answers_as_one_by_one(
+    analyzer: Analyzer, radiograph_pixels: Pixels
+) -> None:
+    images = [_input(n, radiograph_pixels, hint=h) for n in RADIOGRAPHS for h in ("HAND", None)]
+    together = analyzer.analyse(images)  # batch size 4: several batches, two fracture models
+    for image, batched in zip(images, together, strict=True):
+        (alone,) = analyzer.analyse([image])
+        assert alone.body_part == batched.body_part
+        assert alone.body_part_confidence == pytest.approx(batched.body_part_confidence, abs=1e-5)
+        assert alone.fracture_probability == pytest.approx(batched.fracture_probability, abs=1e-5)
+
+
+def test_header_prior_settles_a_close_call(analyzer: Analyzer, radiograph_pixels: Pixels) -> None:
+    hand, leg, vague = analyzer.analyse(
+        [_input("RG3_UNCR", radiograph_pixels, hint=h) for h in ("HAND", "LEG", "EXTREMITY")]
+    )
+    assert hand.body_part == "hand"
+    assert hand.fracture_model == ModelId("test-fracture-arm", "1")
+    assert leg.body_part == "lower_leg"
+    assert vague.body_part == "lower_leg"  # the router's own (slight) lean
+    assert hand.body_part_confidence > vague.body_part_confidence
+
+
+def test_header_prior_cannot_overrule_a_confident_router(
+    tmp_path: Path, radiograph_pixels: Pixels
+) -> None:
+    registry = Registry(tmp_path)
+    router = build_network("resnet10", len(BODY_PARTS))
+    head = router.fc
+    assert isinstance(head, torch.nn.Linear)
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.zero_()
+        head.bias[BODY_PARTS.index("other")] = 6.0  # P(other) ~ 0.98
+    registry.register(router, _router_manifest(threshold=0.5))
+    (finding,) = Analyzer(registry, "cpu").analyse([_input("RG3_UNCR", radiograph_pixels, "HAND")])
+    assert finding.body_part == "other"
+    assert finding.status == FindingStatus.NOT_ANALYSED
+    assert finding.body_part_confidence > 0.9  # x4 on P(hand) ~ 0.003 changes little
+
+
+def test_router_below_its_threshold_is_not_analysed(
+    tmp_path: Path, radiograph_pixels: Pixels
+) -> None:
+    registry = Registry(tmp_path)
+    torch.manual_seed(0)
+    registry.register(build_network("resnet10", len(BODY_PARTS)), _router_manifest(0.95))
+    (finding,) = Analyzer(registry, "cpu").analyse([_input("RG3_UNCR", radiograph_pixels, None)])
+    assert finding.status == FindingStatus.NOT_ANALYSED
+    assert finding.body_part is None  # never a guess
+    assert finding.reason is not None
+    assert "router not confident" in finding.reason
+    assert "0.95" in finding.reason
+
+
+def test_models_are_loaded_once(test_model_dir: Path, radiograph_pixels: Pixels) -> None:
+    registry = Registry(test_model_dir)
+    loads: list[str] = []
+    original = registry.load
+
+    def counting_load(name: str, version: str | None = None):  # type: ignore[no-untyped-def]
+        loads.append(name)
+        return original(name, version)
+
+    registry.load = counting_load  # type: ignore[method-assign]
+    analyzer = Analyzer(registry, "cpu")
+    for _ in range(3):
+        analyzer.analyse([_input("RG3_UNCR", radiograph_pixels, h) for h in ("HAND", None)])
+    assert sorted(loads) == ["test-fracture-arm", "test-fracture-leg", "test-router"]
+    assert analyzer.loaded_models == sorted(
+        ["test-router@1", "test-fracture-arm@1", "test-fracture-leg@1"]
+    )
+
+
+def test_an_image_that_cannot_be_preprocessed_does_not_stop_the_others(
+    analyzer: Analyzer, radiograph_pixels: Pixels
+) -> None:
+    broken = ImageInput("1.2.3.4", np.full((64, 64), np.nan, dtype=np.float32))
+    good = _input("RG3_UNCR", radiograph_pixels)
+    first, second = analyzer.analyse([broken, good])
+    assert first.status == FindingStatus.NOT_ANALYSED
+    assert first.reason is not None
+    assert "could not be preprocessed" in first.reason
+    assert second.status == FindingStatus.ANALYSED
+    assert analyzer.analyse([]) == []
+
+
+def test_no_router_means_no_analyzer(tmp_path: Path) -> None:
+    with pytest.raises(ModelNotFound):
+        Analyzer(Registry(tmp_path), "cpu")
+
+
+def test_part_from_header() -> None:
+    assert part_from_header("HAND") == "hand"
+    assert part_from_header("finger") == "hand"
+    assert part_from_header("LEG") == "lower_leg"
+    assert part_from_header("lower_leg") == "lower_leg"
+    assert part_from_header("CHEST") == "other"
+    assert part_from_header("KNEE") == "other"
+    assert part_from_header("EXTREMITY") is None
+    assert part_from_header("ARM") is None
+    assert part_from_header("") is None
+    assert part_from_header(None) is None
+
+
+def test_resolve_device() -> None:
+    assert resolve_device("cpu") == torch.device("cpu")
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert resolve_device("auto").type == expected
+    with pytest.raises(ConfigError, match="DEVICE"):
+        resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="no CUDA"):
+            resolve_device("cuda:0")
+
+
+def _router_manifest(threshold: float) -> ModelManifest:
+    return ModelManifest(
+        name="router",
+        version="1",
+        task="router",
+        architecture="resnet10",
+        labels=BODY_PARTS,
+        body_parts=BODY_PARTS,
+        threshold=threshold,
+    )

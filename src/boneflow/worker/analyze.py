@@ -136,24 +136,29 @@ def _print(records: list[dict[str, Any]], as_json: bool) -> None:
     from rich.table import Table
 
     table = Table(title="boneflow analyze (not for diagnostic use)")
-    for column in ("file", "body part", "P(fracture)", "decision", "models", "ms"):
-        table.add_column(column)
+    table.add_column("file")
+    table.add_column("body part")
+    table.add_column("P(fracture)")
+    table.add_column("decision", no_wrap=True)
+    table.add_column("models")
+    table.add_column("ms")
+    table.add_column("note")
     for r in records:
         if r["status"] == "failed" or r["status"] == str(FindingStatus.NOT_ANALYSED):
             part = r.get("body_part") or "-"
-            table.add_row(Path(r["path"]).name, part, "-", f"not analysed: {r['reason']}", "", "")
+            table.add_row(Path(r["path"]).name, part, "-", "not analysed", "", "", r["reason"])
             continue
         models = r["models"]
         names = f"{models['router']['name']}@{models['router']['version']}, "
         names += f"{models['fracture']['name']}@{models['fracture']['version']}"
-        decision = "fracture" if r["fracture_present"] else "no fracture"
         table.add_row(
             Path(r["path"]).name,
             f"{r['body_part']} ({r['body_part_confidence']:.2f})",
             f"{r['fracture_probability']:.3f}",
-            f"{decision} (threshold {r['threshold']:.2f})",
+            "fracture" if r["fracture_present"] else "no fracture",
             names,
             f"{r['timings_ms'].get('total', 0.0):.0f}",
+            f"threshold {r['threshold']:.2f}",
         )
     Console().print(table)
 

@@ -8,6 +8,7 @@ import numpy.typing as npt
 import pytest
 import torch
 
+from boneflow.findings import BoundingBox
 from boneflow.models.transforms import (
     Clahe,
     Clahed,
@@ -169,3 +170,11 @@ def test_augmentation_is_seeded_and_stays_in_range(radiograph_pixels: Pixels) ->
         assert tensor.shape == (1, 64, 64)
         assert float(tensor.min()) >= 0.0
         assert float(tensor.max()) <= 1.0
+
+
+def test_box_on_the_small_map_scales_to_the_source_grid() -> None:
+    source = np.zeros((1955, 1841), dtype=np.float32)
+    _, geometry = preprocess(source + np.linspace(0, 1, 1841, dtype=np.float32), PreprocessParams())
+    assert geometry.content(np.zeros((224, 224), dtype=np.float32)).shape == (224, 211)
+    box = geometry.box_to_source(BoundingBox(row_min=112, col_min=0, row_max=224, col_max=211))
+    assert box == BoundingBox(row_min=977, col_min=0, row_max=1955, col_max=1841)

@@ -283,8 +283,11 @@ class Analyzer:
         found: dict[int, Finding] = {}
         for row, (i, part, confidence) in enumerate(chunk):
             t1 = time.perf_counter()
-            heatmap = unmap_heatmap(maps_np[row], inputs[row][1])
-            box = hotspot(heatmap)
+            geometry = inputs[row][1]
+            heatmap = unmap_heatmap(maps_np[row], geometry)
+            # the hotspot is found on the small map (cheap) and scaled to the source grid
+            box = hotspot(geometry.content(maps_np[row]))
+            box = None if box is None else geometry.box_to_source(box)
             timing = timings[i]
             timing["preprocess"] = round(timing.get("preprocess", 0.0) + prep_ms, 2)
             timing["fracture"] = round(model_ms, 2)

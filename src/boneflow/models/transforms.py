@@ -18,6 +18,7 @@ heat map on the ``S x S`` input maps back onto the source pixel grid
 
 from __future__ import annotations
 
+import math
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any
@@ -36,6 +37,8 @@ from monai.transforms.intensity.dictionary import (
 from monai.transforms.spatial.dictionary import RandAffined, RandFlipd
 from monai.transforms.transform import MapTransform, Transform
 from monai.transforms.utility.dictionary import EnsureTyped
+
+from boneflow.findings import BoundingBox
 
 FloatArray = npt.NDArray[np.float32]
 
@@ -95,6 +98,23 @@ class Geometry:
         """Input pixels per source pixel."""
         return self.resized_shape[0] / self.source_shape[0]
 
+    def content(self, array: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        """The part of an ``S x S`` array that holds the image (the padding cut off)."""
+        rows, cols = self.resized_shape
+        return array[self.pad_top : self.pad_top + rows, self.pad_left : self.pad_left + cols]
+
+    def box_to_source(self, box: BoundingBox) -> BoundingBox:
+        """A box on the :meth:`content` grid, in source pixels (end-exclusive, clipped)."""
+        rows, cols = self.source_shape
+        row_scale = rows / self.resized_shape[0]
+        col_scale = cols / self.resized_shape[1]
+        return BoundingBox(
+            row_min=max(0, math.floor(box.row_min * row_scale)),
+            col_min=max(0, math.floor(box.col_min * col_scale)),
+            row_max=min(rows, math.ceil(box.row_max * row_scale)),
+            col_max=min(cols, math.ceil(box.col_max * col_scale)),
+        )
+
     def content_mask(self) -> npt.NDArray[np.bool_]:
         """True where the input holds image content, False in the padding."""
         mask = np.zeros((self.input_size, self.input_size), dtype=bool)
@@ -135,10 +155,7 @@ def unmap_heatmap(heatmap: npt.ArrayLike, geometry: Geometry) -> FloatArray:
     size = geometry.input_size
     if array.shape != (size, size):
         array = np.asarray(cv2.resize(array, (size, size)), dtype=np.float32)
-    rows, cols = geometry.resized_shape
-    crop = array[
-        geometry.pad_top : geometry.pad_top + rows, geometry.pad_left : geometry.pad_left + cols
-    ]
+    crop = geometry.content(array)
     src_rows, src_cols = geometry.source_shape
     out = cv2.resize(
         np.ascontiguousarray(crop), (src_cols, src_rows), interpolation=cv2.INTER_LINEAR

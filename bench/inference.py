@@ -1,0 +1,288 @@
+"""Inference benchmarks: preprocessing, model throughput, Grad-CAM overhead, end to end.
+
+Run: ``.venv/bin/python bench/inference.py [--quick] [--device cpu|cuda] [--json FILE]``.
+
+- decode + ``read_pixels`` per transfer syntax (RG3, 1760²);
+- ``preprocess`` (display pixels → (1, S, S) tensor) against two plain numpy + OpenCV
+  chains doing the same work: the issue's reference order (invert → percentiles → CLAHE →
+  resize + pad, all at full size) and boneflow's order (resize → percentiles → CLAHE → pad);
+- model images/s at batch 1 and 16 (inference mode) per architecture;
+- Grad-CAM: boneflow's one-pass head-only Grad-CAM and MONAI's stock GradCAM (full backward)
+  against a plain forward;
+- ``Analyzer.analyse`` end to end (router + fracture + Grad-CAM + mapping back) on RG3:
+  p50 per image one at a time, and images/s for a 16-image study.
+
+Models have random (seeded) weights: speed does not depend on the values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pydicom
+import torch
+from monai.visualize import GradCAM
+from pydicom.data import get_testdata_file
+
+from boneflow.dicom.pixels import read_pixels
+from boneflow.findings import BODY_PARTS
+from boneflow.models.gradcam import FractureGradCAM
+from boneflow.models.inference import Analyzer, ImageInput
+from boneflow.models.networks import build_network, gradcam_layer
+from boneflow.models.registry import FRACTURE_LABELS, ModelManifest, Registry
+from boneflow.models.transforms import PreprocessParams, preprocess
+
+
+def timed(fn: Callable[[], object], repeat: int, warmup: int = 2) -> list[float]:
+    """Milliseconds of each of ``repeat`` calls after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        out.append((time.perf_counter() - t0) * 1000)
+    return out
+
+
+def p50(values: list[float]) -> float:
+    return round(statistics.median(values), 2)
+
+
+def bench_decode(repeat: int) -> dict[str, float]:
+    results = {}
+    for name in ("RG3_UNCR", "RG3_J2KR", "RG3_J2KI"):
+        path = get_testdata_file(f"{name}.dcm")
+        results[name] = p50(timed(lambda p=path: read_pixels(pydicom.dcmread(p)), repeat, 1))
+    return results
+
+
+def plain_reference_chain(stored: np.ndarray, size: int) -> np.ndarray:
+    """The issue's plain chain: invert → percentiles → CLAHE → resize + pad, at full size."""
+    image = stored.max() - stored.astype(np.float32)  # MONOCHROME1
+    low, high = np.percentile(image, (0.5, 99.5))
+    image = np.clip((image - low) / (high - low), 0, 1)
+    enhanced = cv2.createCLAHE(2.0, (8, 8)).apply((image * 255 + 0.5).astype(np.uint8))
+    rows, cols = enhanced.shape
+    scale = size / max(rows, cols)
+    resized = cv2.resize(enhanced, (round(cols * scale), round(rows * scale)), cv2.INTER_AREA)
+    out = np.zeros((size, size), np.float32)
+    out[: resized.shape[0], : resized.shape[1]] = resized / 255.0
+    return out[None]
+
+
+def plain_same_order_chain(display: np.ndarray, size: int) -> np.ndarray:
+    """The same operations as ``preprocess``, inline: resize → percentiles → CLAHE → pad."""
+    rows, cols = display.shape
+    scale = size / max(rows, cols)
+    new_rows, new_cols = round(rows * scale), round(cols * scale)
+    resized = cv2.resize(display, (new_cols, new_rows), interpolation=cv2.INTER_AREA)
+    low, high = np.percentile(resized, (0.5, 99.5))
+    image = np.clip((resized - low) / (high - low), 0, 1)
+    enhanced = cv2.createCLAHE(2.0, (8, 8)).apply((image * 255 + 0.5).astype(np.uint8))
+    out = np.zeros((size, size), np.float32)
+    top, left = (size - new_rows) // 2, (size - new_cols) // 2
+    out[top : top + new_rows, left : left + new_cols] = enhanced / 255.0
+    return out[None]
+
+
+def bench_preprocess(repeat: int) -> dict[str, Any]:
+    ds = pydicom.dcmread(get_testdata_file("RG3_UNCR.dcm"))
+    stored = ds.pixel_array
+    display = read_pixels(ds)
+    params = PreprocessParams()
+    boneflow_ms = p50(timed(lambda: preprocess(display, params), repeat))
+    same_ms = p50(timed(lambda: plain_same_order_chain(display, 224), repeat))
+    reference_ms = p50(timed(lambda: plain_reference_chain(stored, 224), repeat))
+    read_ms = p50(timed(lambda: read_pixels(ds), repeat))
+    return {
+        "preprocess_ms": boneflow_ms,
+        "plain_same_order_ms": same_ms,
+        "plain_reference_order_ms": reference_ms,
+        "ratio_vs_same_order": round(boneflow_ms / same_ms, 2),
+        "ratio_vs_reference_order": round(boneflow_ms / reference_ms, 2),
+        "read_pixels_ms_in_memory": read_ms,
+        "read_pixels_plus_preprocess_ms": round(read_ms + boneflow_ms, 2),
+    }
+
+
+def bench_models(
+    device: torch.device, architectures: list[tuple[str, int]], quick: bool
+) -> list[dict[str, Any]]:
+    rows = []
+    for arch, size in architectures:
+        torch.manual_seed(0)
+        net = build_network(arch, 2).eval().to(device)
+        if device.type == "cpu":
+            net = net.to(memory_format=torch.channels_last)
+        row: dict[str, Any] = {"architecture": arch, "input_size": size}
+        for batch in (1, 16):
+            x = torch.rand(batch, 1, size, size, device=device)
+            if device.type == "cpu":
+                x = x.contiguous(memory_format=torch.channels_last)
+            n = (3 if quick else 10) if batch == 1 else (2 if quick else 4)
+
+            def forward(x: torch.Tensor = x, net: torch.nn.Module = net) -> None:
+                with torch.inference_mode(), _autocast(device):
+                    net(x)
+                _sync(device)
+
+            samples = timed(forward, n, 1)
+            ms = p50(samples)
+            row[f"batch{batch}_ms"] = ms
+            row[f"batch{batch}_min_ms"] = round(min(samples), 2)
+            row[f"batch{batch}_images_per_s"] = round(batch * 1000 / ms, 1)
+            cam = FractureGradCAM(net, gradcam_layer(arch))
+
+            def one_pass(x: torch.Tensor = x, cam: FractureGradCAM = cam) -> None:
+                with _autocast(device):
+                    cam(x)
+                _sync(device)
+
+            cam_samples = timed(one_pass, n, 1)
+            row[f"batch{batch}_gradcam_ms"] = p50(cam_samples)
+            row[f"batch{batch}_gradcam_min_ms"] = round(min(cam_samples), 2)
+            row[f"batch{batch}_gradcam_overhead"] = round(row[f"batch{batch}_gradcam_ms"] / ms, 2)
+        stock_net = build_network(arch, 2).eval().to(device)
+        stock = GradCAM(nn_module=stock_net, target_layers=gradcam_layer(arch))
+        x1 = torch.rand(1, 1, size, size, device=device)
+        row["batch1_monai_stock_gradcam_ms"] = p50(
+            timed(lambda s=stock, x=x1: s(x, class_idx=1), 3 if quick else 10, 1)
+        )
+        row["batch1_monai_stock_overhead"] = round(
+            row["batch1_monai_stock_gradcam_ms"] / row["batch1_ms"], 2
+        )
+        rows.append(row)
+        print(json.dumps(row), file=sys.stderr)
+    return rows
+
+
+def bench_end_to_end(device: str, config: dict[str, Any], quick: bool) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as folder:
+        registry = Registry(Path(folder))
+        torch.manual_seed(0)
+        registry.register(
+            build_network(config["router"], len(BODY_PARTS)),
+            ModelManifest(
+                name="router",
+                version="1",
+                task="router",
+                architecture=config["router"],
+                labels=BODY_PARTS,
+                body_parts=BODY_PARTS,
+                input_size=config["router_size"],
+                preprocessing=PreprocessParams(input_size=config["router_size"]).to_dict(),
+                threshold=0.0,
+            ),
+        )
+        registry.register(
+            build_network(config["fracture"], 2),
+            ModelManifest(
+                name="fracture",
+                version="1",
+                task="fracture",
+                architecture=config["fracture"],
+                labels=FRACTURE_LABELS,
+                body_parts=tuple(p for p in BODY_PARTS if p != "other"),
+                input_size=config["fracture_size"],
+                preprocessing=PreprocessParams(input_size=config["fracture_size"]).to_dict(),
+                threshold=0.5,
+            ),
+        )
+        analyzer = Analyzer(registry, device=device, batch_size=16)
+        ds = pydicom.dcmread(get_testdata_file("RG3_UNCR.dcm"))
+        image = ImageInput(str(ds.SOPInstanceUID), read_pixels(ds), "LEG", "R")
+        single = timed(lambda: analyzer.analyse([image]), 5 if quick else 20, 2)
+        study = [image] * 16
+        study_samples = timed(lambda: analyzer.analyse(study), 1 if quick else 3, 1)
+        batch_ms = p50(study_samples)
+        (finding,) = analyzer.analyse([image])
+        assert finding.body_part == "lower_leg" and finding.heatmap is not None
+        return {
+            **config,
+            "p50_ms_per_image_one_at_a_time": p50(single),
+            "p90_ms_per_image_one_at_a_time": round(float(np.percentile(single, 90)), 2),
+            "min_ms_per_image_one_at_a_time": round(min(single), 2),
+            "study_of_16_ms": batch_ms,
+            "images_per_s_batched": round(16 * 1000 / batch_ms, 1),
+            "images_per_s_batched_best": round(16 * 1000 / min(study_samples), 1),
+            "stage_ms_one_image": dict(finding.timings_ms),
+        }
+
+
+def _autocast(device: torch.device) -> torch.autocast:
+    return torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repeats, fewer networks")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args()
+    device = torch.device(
+        "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device
+    )
+    if device.type == "cpu":
+        torch.set_num_threads(len(os.sched_getaffinity(0)))
+    architectures = [
+        ("resnet10", 128),
+        ("resnet18", 192),
+        ("resnet18", 224),
+        ("efficientnet-b0", 224),
+    ]
+    if not args.quick:
+        architectures.append(("densenet121", 224))
+    results: dict[str, Any] = {
+        "device": str(device),
+        "torch_threads": torch.get_num_threads(),
+        "cpus": os.cpu_count(),
+        "load_average_at_start": os.getloadavg(),
+        "decode_ms": bench_decode(3 if args.quick else 10),
+        "preprocess": bench_preprocess(10 if args.quick else 50),
+    }
+    print(json.dumps(results, indent=2), file=sys.stderr)
+    results["models"] = bench_models(device, architectures, args.quick)
+    results["end_to_end"] = [
+        bench_end_to_end(str(device), c, args.quick)
+        for c in (
+            {
+                "router": "resnet10",
+                "router_size": 128,
+                "fracture": "resnet18",
+                "fracture_size": 192,
+            },
+            {
+                "router": "resnet18",
+                "router_size": 224,
+                "fracture": "resnet18",
+                "fracture_size": 224,
+            },
+        )
+    ]
+    results["load_average_at_end"] = os.getloadavg()
+    text = json.dumps(results, indent=2)
+    print(text)
+    if args.json:
+        args.json.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

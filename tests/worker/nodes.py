@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -107,6 +108,10 @@ def wait_for_echo(settings: Settings, process: BoneflowProcess, seconds: float =
     def answers() -> bool:
         if not process.running:
             raise AssertionError(f"node exited early:\n{process.log_tail()}")
+        try:  # pynetdicom leaks a socket when it cannot connect: probe with our own first
+            socket.create_connection(("127.0.0.1", settings.port), timeout=1).close()
+        except OSError:
+            return False
         ae = AE(ae_title="TESTER")
         ae.add_requested_context("1.2.840.10008.1.1")
         assoc = ae.associate("127.0.0.1", settings.port, ae_title=settings.ae_title)

@@ -13,11 +13,12 @@ from sqlalchemy import select
 from boneflow.db.audit import Audit, DispatchStatus, JobKind, JobState
 from boneflow.db.migrate import upgrade
 from boneflow.db.schema import Job, JobInstance
+from boneflow.worker.locks import job_lock
 from boneflow.worker.settle import (
     SettleLoop,
     create_jobs,
+    lost_jobs,
     settled_studies,
-    stale_jobs,
     unsent_outbox_items,
 )
 from tests.worker.conftest import make_settings, record_stored
@@ -97,7 +98,7 @@ def test_several_listeners_settling_the_same_studies_create_each_job_once(
             queued.append(job_id)
 
     loops = [
-        SettleLoop(settings, Audit.open(database_url), enqueue, enqueue, stale_seconds=3600)
+        SettleLoop(settings, Audit.open(database_url), enqueue, enqueue, lambda: None)
         for _ in range(4)
     ]
     barrier = threading.Barrier(len(loops))
@@ -122,14 +123,13 @@ def test_several_listeners_settling_the_same_studies_create_each_job_once(
     writer.close()
 
 
-def test_recovery_requeues_unfinished_jobs_nobody_runs_and_unsent_items(
-    db: Audit, tmp_path: Path
-) -> None:
-    record_stored(db, "1.2.3", "1.2.3.1")
-    record_stored(db, "4.5.6", "4.5.6.1")
-    (first, _), (second, _) = create_jobs(db, settle_seconds=0)
-    db.job_state_changed(second, JobState.RUNNING, attempt=1)
-    db.job_state_changed(second, JobState.SUCCEEDED, attempt=1)
+def test_recovery_requeues_lost_jobs_and_unsent_items(db: Audit, tmp_path: Path) -> None:
+    for n in range(4):
+        record_stored(db, f"1.2.{n}", f"1.2.{n}.1")
+    (queued, _), (running, _), (done, _), (busy, _) = create_jobs(db, settle_seconds=0)
+    for job_id in (running, done, busy):
+        db.job_state_changed(job_id, JobState.RUNNING, attempt=1)
+    db.job_state_changed(done, JobState.SUCCEEDED, attempt=1)
     sent = db.outbox_item_added(destination="PACS@h:1", sop_instance_uid="9", sop_class_uid="1",
                                 path="/x")  # fmt: skip
     unsent = db.outbox_item_added(destination="PACS@h:1", sop_instance_uid="8",
@@ -137,14 +137,24 @@ def test_recovery_requeues_unfinished_jobs_nobody_runs_and_unsent_items(
     db.dispatch_attempted(sent, DispatchStatus.SENT)
     db.dispatch_attempted(unsent, DispatchStatus.FAILED, error="refused")
     settings = make_settings(tmp_path, database_url=str(db.engine.url.render_as_string(False)))
-    assert stale_jobs(settings, db, 0.0) == [first]
+    with job_lock(settings, db, busy) as held:  # a live worker runs this one
+        assert held
+        # RUNNING without a live holder: lost. QUEUED: lost only if the queue is empty.
+        assert lost_jobs(settings, db, analysis_queue_empty=False) == [running]
+        assert lost_jobs(settings, db, analysis_queue_empty=True) == [running]  # too recent
+        assert lost_jobs(settings, db, True, queued_grace_seconds=0) == [queued, running]
+        analysis: list[int] = []
+        dispatch: list[int] = []
+        depths: dict[str, int] = {"analysis": 0, "dispatch": 0}
+        loop = SettleLoop(settings, db, analysis.append, dispatch.append, lambda: depths)
+        assert loop.recover() == (2, 1)
+        assert (analysis, dispatch) == ([queued, running], [unsent])
+        depths["analysis"] = 5  # the broker still holds queued messages: only the dead one
+        analysis.clear()
+        assert loop.recover() == (1, 1)
+        assert analysis == [running]
     assert unsent_outbox_items(db) == [unsent]
     assert unsent_outbox_items(db, older_than_seconds=3600) == []  # attempted just now
-    analysis: list[int] = []
-    dispatch: list[int] = []
-    loop = SettleLoop(settings, db, analysis.append, dispatch.append)
-    assert loop.recover() == (1, 1)
-    assert (analysis, dispatch) == ([first], [unsent])
 
 
 def test_a_job_is_published_again_once_the_broker_is_back(db: Audit, tmp_path: Path) -> None:
@@ -158,7 +168,7 @@ def test_a_job_is_published_again_once_the_broker_is_back(db: Audit, tmp_path: P
         published.append(job_id)
 
     settings = make_settings(tmp_path, settle_seconds=0.0)
-    loop = SettleLoop(settings, db, enqueue, enqueue, stale_seconds=3600)
+    loop = SettleLoop(settings, db, enqueue, enqueue, lambda: None)
     (job_id,) = loop.run_once()
     assert published == []
     broker_up = True

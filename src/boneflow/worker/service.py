@@ -41,7 +41,8 @@ from boneflow.worker.app import (
     broker_description,
     create_app,
 )
-from boneflow.worker.settle import SettleLoop, stale_jobs, unsent_outbox_items
+from boneflow.worker.settle import SettleLoop, lost_jobs, unsent_outbox_items
+from boneflow.worker.status import queue_depths
 
 log = logging.getLogger(__name__)
 
@@ -196,6 +197,7 @@ class Node:
             self.audit,
             enqueue_analysis=lambda job_id: _publish(app, ANALYSE_TASK, job_id),
             enqueue_dispatch=lambda item_id: _publish(app, SEND_TASK, item_id),
+            queue_depths=lambda: queue_depths(settings),
         )
         self._listener: object | None = None
         self._metrics: metrics.MetricsServer | None = None
@@ -251,7 +253,11 @@ def _publish(app: BoneflowCelery, task_name: str, identifier: int) -> None:
 
 def _recover_queues(settings: Settings, app: BoneflowCelery, queues: Sequence[str]) -> None:
     audit = app.audit()
-    jobs = stale_jobs(settings, audit, 0.0) if ANALYSIS_QUEUE in queues else []
+    jobs: list[int] = []
+    if ANALYSIS_QUEUE in queues:
+        depths = queue_depths(settings) or {}
+        empty = depths.get(ANALYSIS_QUEUE, 1) == 0
+        jobs = lost_jobs(settings, audit, empty, queued_grace_seconds=0.0)
     items = unsent_outbox_items(audit) if DISPATCH_QUEUE in queues else []
     for job_id in jobs:
         _publish(app, ANALYSE_TASK, job_id)

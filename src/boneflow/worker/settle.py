@@ -17,7 +17,7 @@ import hashlib
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -25,7 +25,7 @@ from kombu.exceptions import KombuError
 from sqlalchemy import exists, func, select
 
 from boneflow.config import Settings
-from boneflow.db.audit import Audit, DispatchStatus, InstanceStatus, JobKind
+from boneflow.db.audit import Audit, DispatchStatus, InstanceStatus, JobKind, JobState
 from boneflow.db.schema import (
     DispatchAttempt,
     Instance,
@@ -34,12 +34,15 @@ from boneflow.db.schema import (
     OutboxItem,
 )
 from boneflow.logs import log_context
+from boneflow.worker.app import ANALYSIS_QUEUE
 from boneflow.worker.locks import is_job_locked
 
 log = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.2
-STALE_SECONDS = 60.0  # an unfinished job without progress for this long is queued again
+SWEEP_SECONDS = 5.0  # how often lost work is looked for
+QUEUED_GRACE_SECONDS = 10.0  # a QUEUED job may wait this long for a worker to take it
+OUTBOX_IDLE_SECONDS = 15 * 60.0  # an unsent outbox item idle this long is queued again
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,9 +129,22 @@ def create_jobs(audit: Audit, settle_seconds: float) -> list[tuple[int, bool]]:
     return jobs
 
 
-def stale_jobs(settings: Settings, audit: Audit, older_than_seconds: float) -> list[int]:
-    """Unfinished analyse jobs with no state change for a while that nobody is running."""
-    cutoff = datetime.now(UTC) - timedelta(seconds=older_than_seconds)
+def lost_jobs(
+    settings: Settings,
+    audit: Audit,
+    analysis_queue_empty: bool,
+    queued_grace_seconds: float = QUEUED_GRACE_SECONDS,
+) -> list[int]:
+    """Unfinished analyse jobs the broker has probably lost; queue them again.
+
+    - RUNNING or RETRYING and nobody holds the job's lock: the worker that ran it died
+      (the lock dies with its holder), whatever the broker still keeps for later.
+    - QUEUED for more than ``queued_grace_seconds`` while the analysis queue is empty:
+      the broker lost the message (Redis restarted without persistence, a consumer of
+      the embedded broker was killed holding it).
+
+    A job queued twice is harmless: the task drops duplicates.
+    """
     unfinished = audit.unfinished_jobs(JobKind.ANALYSE)
     if not unfinished:
         return []
@@ -141,11 +157,16 @@ def stale_jobs(settings: Settings, audit: Audit, older_than_seconds: float) -> l
                 .group_by(JobStateChange.job_id)
             ).all()
         )
-    return [
-        job_id
-        for job_id in ids
-        if _utc(last_change[job_id]) <= cutoff and not is_job_locked(settings, audit, job_id)
-    ]
+    cutoff = datetime.now(UTC) - timedelta(seconds=queued_grace_seconds)
+    lost = []
+    for job_id, state, _attempt in unfinished:
+        if state == JobState.QUEUED and not (
+            analysis_queue_empty and _utc(last_change[job_id]) <= cutoff
+        ):
+            continue
+        if not is_job_locked(settings, audit, job_id):
+            lost.append(job_id)
+    return lost
 
 
 def unsent_outbox_items(audit: Audit, older_than_seconds: float = 0.0) -> list[int]:
@@ -174,9 +195,9 @@ class SettleLoop:
         enqueue_analysis: publishes ``analyse_study(job_id)``; may raise when the broker is
             down (the job is then published again on a later round).
         enqueue_dispatch: publishes ``send_result(outbox_item_id)``.
+        queue_depths: the broker's queue depths, None when it cannot be reached.
         poll_seconds: how often the database is asked for settled studies.
-        stale_seconds: how long an unfinished job may go without progress before it is
-            queued again (when no process holds its lock).
+        sweep_seconds: how often lost work is looked for (see :func:`lost_jobs`).
     """
 
     def __init__(
@@ -185,15 +206,17 @@ class SettleLoop:
         audit: Audit,
         enqueue_analysis: Callable[[int], None],
         enqueue_dispatch: Callable[[int], None],
+        queue_depths: Callable[[], Mapping[str, int] | None],
         poll_seconds: float = POLL_SECONDS,
-        stale_seconds: float = STALE_SECONDS,
+        sweep_seconds: float = SWEEP_SECONDS,
     ) -> None:
         self.settings = settings
         self.audit = audit
         self._enqueue_analysis = enqueue_analysis
         self._enqueue_dispatch = enqueue_dispatch
         self.poll_seconds = poll_seconds
-        self.stale_seconds = stale_seconds
+        self._queue_depths = queue_depths
+        self.sweep_seconds = sweep_seconds
         self._unpublished: set[int] = set()
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -207,7 +230,9 @@ class SettleLoop:
         Returns:
             ``(jobs, outbox_items)`` queued again.
         """
-        jobs = stale_jobs(self.settings, self.audit, older_than_seconds=0.0)
+        depths = self._queue_depths()
+        empty = depths is not None and depths.get(ANALYSIS_QUEUE, 0) == 0
+        jobs = lost_jobs(self.settings, self.audit, empty, queued_grace_seconds=0.0)
         for job_id in jobs:
             self._publish(job_id)
         items = unsent_outbox_items(self.audit)
@@ -228,7 +253,7 @@ class SettleLoop:
                 if self.on_job_created is not None:
                     self.on_job_created(job_id)
                 self._publish(job_id)
-        if time.monotonic() - self._last_sweep >= self.stale_seconds:
+        if time.monotonic() - self._last_sweep >= self.sweep_seconds:
             self._last_sweep = time.monotonic()
             self._sweep()
         return created
@@ -260,14 +285,15 @@ class SettleLoop:
             self._wake.clear()
 
     def _sweep(self) -> None:
-        for job_id in stale_jobs(self.settings, self.audit, self.stale_seconds):
-            log.warning(
-                "analyse job %s made no progress for %.0f s; queued again",
-                job_id,
-                self.stale_seconds,
-            )
+        depths = self._queue_depths()
+        if depths is None:  # the broker is away; nothing can be queued now anyway
+            return
+        empty = depths.get(ANALYSIS_QUEUE, 0) == 0
+        for job_id in lost_jobs(self.settings, self.audit, empty):
+            log.warning("analyse job %s was lost by the broker or its worker; queued again",
+                        job_id)  # fmt: skip
             self._publish(job_id)
-        for item_id in unsent_outbox_items(self.audit, older_than_seconds=15 * 60):
+        for item_id in unsent_outbox_items(self.audit, older_than_seconds=OUTBOX_IDLE_SECONDS):
             self._publish_dispatch(item_id)
 
     def _publish(self, job_id: int) -> None:

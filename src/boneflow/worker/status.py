@@ -12,7 +12,7 @@ import logging
 from dataclasses import asdict, dataclass, field
 
 from kombu import Connection
-from kombu.exceptions import KombuError
+from kombu.exceptions import ChannelError, KombuError
 from sqlalchemy import Exists, exists, func, select
 
 from boneflow.config import Settings
@@ -104,10 +104,10 @@ def queue_depths(settings: Settings) -> dict[str, int] | None:
             for queue in QUEUES:
                 try:
                     depths[queue] = int(channel.queue_declare(queue=queue, passive=True)[1])  # type: ignore[attr-defined]
-                except KombuError:  # never declared: nothing was ever queued there
+                except ChannelError:  # never declared: nothing was ever queued there
                     depths[queue] = 0
             return depths
-    except (KombuError, OSError) as exc:
+    except (KombuError, ChannelError, OSError) as exc:
         log.warning("broker %s unreachable: %s", broker_description(settings), exc)
         return None
 

@@ -6,6 +6,9 @@ the worker processes ``serve`` starts.
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import urllib.request
 from pathlib import Path
 
@@ -21,6 +24,7 @@ from tests.worker.nodes import (
     BoneflowProcess,
     jobs_of,
     make_study,
+    node_env,
     received,
     result_rows,
     send,
@@ -89,6 +93,17 @@ def test_serve_round_trip_survives_sigkill_and_stops_cleanly(
         assert samples[("boneflow_images_received_total", (("status", "stored"),))] == 8
         assert samples[("boneflow_jobs", (("state", "succeeded"),))] == 2
         assert samples[("boneflow_broker_up", ())] == 1
+
+        status = subprocess.run(
+            [sys.executable, "-m", "boneflow", "status", "--json"],
+            env=node_env(serve_settings), capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert status.returncode == 0, status.stderr
+        report = json.loads(status.stdout)
+        assert sorted(w.split(".")[0] for w in report["workers"]) == ["analysis", "dispatch"]
+        assert report["queue_depths"] == {"analysis": 0, "dispatch": 0}
+        assert report["jobs"]["succeeded"] == 2 and report["in_flight"] == 0
+        assert report["outbox"]["unsent"] == 0
 
         assert node.terminate(timeout_seconds=60) == 0  # SIGTERM: a clean shutdown
     finally:

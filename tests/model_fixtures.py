@@ -9,7 +9,8 @@
   prior, and an image without a usable hint goes to ``lower_leg``. So RG1 (CHEST) is not
   analysed and RG3 (EXTREMITY) is analysed as a lower leg, deterministically.
 - ``test-fracture-arm@1`` (hand, wrist, forearm, elbow, humerus, shoulder) and
-  ``test-fracture-leg@1`` (lower_leg): resnet10 fracture models, random but seeded weights,
+  ``test-fracture-leg@1`` (lower_leg): resnet10 fracture models, random but seeded weights
+  with a head that reads the features out positively (so Grad-CAM maps are not empty),
   threshold 0.5.
 
 Usage: ``from tests.model_fixtures import make_test_models``.
@@ -42,6 +43,8 @@ def make_test_models(model_dir: Path, seed: int = 0, input_size: int = 224) -> N
         router = build_network("resnet10", len(BODY_PARTS))
         _lean_towards(router, BODY_PARTS.index("lower_leg"))
         fracture = {name: build_network("resnet10", 2) for name in FRACTURE_MODELS}
+        for network in fracture.values():
+            _explainable(network)
     if f"{ROUTER}@1" not in existing:
         registry.register(
             router,
@@ -80,6 +83,22 @@ def make_test_models(model_dir: Path, seed: int = 0, input_size: int = 224) -> N
                 created_at=_CREATED_AT,
             ),
         )
+
+
+def _explainable(network: torch.nn.Module) -> None:
+    """Give the head a positive read-out so that Grad-CAM maps are not all zero.
+
+    With random heads the log-odds gradient is often negative everywhere and Grad-CAM's ReLU
+    leaves nothing; here P(fracture) rises (gently, staying near 0.5) with the layer-4
+    activations, so the map shows where the network's features respond.
+    """
+    head = network.fc
+    assert isinstance(head, torch.nn.Linear)
+    with torch.no_grad():
+        magnitude = head.weight.abs().mean(dim=0)
+        head.weight[0] = -0.1 * magnitude
+        head.weight[1] = 0.1 * magnitude
+        head.bias.zero_()
 
 
 def _lean_towards(network: torch.nn.Module, index: int) -> None:

@@ -212,3 +212,19 @@ def _router_manifest(threshold: float) -> ModelManifest:
         body_parts=BODY_PARTS,
         threshold=threshold,
     )
+
+
+def test_heatmap_of_a_non_square_image_is_on_its_source_grid(
+    analyzer: Analyzer, radiograph_pixels: Pixels
+) -> None:
+    (finding,) = analyzer.analyse([_input("RG1_J2KR", radiograph_pixels, hint="HAND")])
+    assert finding.status == FindingStatus.ANALYSED  # the header prior sent it to "hand"
+    assert finding.heatmap is not None
+    assert finding.heatmap.shape == (1955, 1841)
+    assert 0.0 <= float(finding.heatmap.min()) <= float(finding.heatmap.max()) <= 1.0
+    assert float(finding.heatmap.max()) > 0.99  # the test models' maps are not empty
+    box = finding.hotspot
+    assert box is not None
+    peak = np.unravel_index(int(np.argmax(finding.heatmap)), finding.heatmap.shape)
+    assert box.row_min - 10 <= peak[0] <= box.row_max + 10
+    assert box.col_min - 10 <= peak[1] <= box.col_max + 10

@@ -178,3 +178,16 @@ def test_box_on_the_small_map_scales_to_the_source_grid() -> None:
     assert geometry.content(np.zeros((224, 224), dtype=np.float32)).shape == (224, 211)
     box = geometry.box_to_source(BoundingBox(row_min=112, col_min=0, row_max=224, col_max=211))
     assert box == BoundingBox(row_min=977, col_min=0, row_max=1955, col_max=1841)
+
+
+def test_heat_in_the_padding_never_reaches_the_source(radiograph_pixels: Pixels) -> None:
+    _, geometry = preprocess(radiograph_pixels["RG1_UNCR"], PreprocessParams())
+    heat = np.zeros((224, 224), dtype=np.float32)
+    heat[~geometry.content_mask()] = 1.0  # hot only in the padding
+    heat[100, 100] = 0.5  # and a little on the image
+    back = unmap_heatmap(heat, geometry)
+    assert back.shape == (1955, 1841)
+    assert float(back.max()) <= 0.5
+    row, col = np.unravel_index(int(np.argmax(back)), back.shape)
+    assert abs(row - 100 / geometry.scale) < 15
+    assert abs(col - (100 - geometry.pad_left) / geometry.scale) < 15

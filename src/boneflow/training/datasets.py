@@ -13,7 +13,7 @@ import hashlib
 import logging
 import re
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -280,21 +280,13 @@ def split_by_patient(
     ]
     if sum(shares) <= 0:
         shares = [1.0, 0.0, 0.0]
-    total = sum(shares)
-    targets = [share / total * sum(free.values()) for share in shares]
-    counts = [0.0, 0.0, 0.0]
     assignment = dict(preset)
-    for patient in sorted(free, key=lambda p: _seeded_hash(seed, p)):
-        # the split furthest below its target takes the next patient
-        gaps = [targets[i] - counts[i] if shares[i] > 0 else -1e18 for i in range(3)]
-        index = int(np.argmax(gaps))
-        assignment[patient] = SPLITS[index]
-        counts[index] += free[patient]
-    if "val" not in assignment.values() and "train" in assignment.values():
+    assignment.update(_deal(free, shares, seed))
+    train = [r for r in records if assignment[r.patient_id] == "train"]
+    if "val" not in assignment.values() and len({r.patient_id for r in train}) >= 2:
         # no validation split (e.g. train/ and test/ folders only): carve one from train
-        train = [r for r in records if assignment[r.patient_id] == "train"]
-        for r in split_by_patient([replace(r, split=None) for r in train], seed, (0.85, 0.15, 0)):
-            assignment[r.patient_id] = r.split or "train"
+        patients = Counter(r.patient_id for r in train)
+        assignment.update(_deal(patients, [0.85, 0.15, 0.0], seed))
     return [replace(r, split=assignment[r.patient_id]) for r in records]
 
 
@@ -582,6 +574,30 @@ def _optional_bool(text: str, listing: Path) -> bool | None:
 
 def _truthy(text: str | None) -> bool:
     return (text or "").strip().lower() in {"1", "true", "yes", "1.0"}
+
+
+def _deal(
+    images_per_patient: Mapping[str, int], shares: Sequence[float], seed: int
+) -> dict[str, str]:
+    """Deal patients (in seeded-hash order) to the split furthest below its image target.
+
+    When there are enough patients, every split with a share gets at least one.
+    """
+    order = sorted(images_per_patient, key=lambda p: _seeded_hash(seed, p))
+    total = sum(shares)
+    targets = [share / total * sum(images_per_patient.values()) for share in shares]
+    counts = [0.0] * len(shares)
+    wanted = [i for i in range(len(shares)) if shares[i] > 0]
+    assignment: dict[str, str] = {}
+    for n, patient in enumerate(order):
+        if len(order) >= len(wanted) and n < len(wanted):
+            index = wanted[-1 - n]  # smallest splits first: val and test are never empty
+        else:
+            gaps = [targets[i] - counts[i] if shares[i] > 0 else -1e18 for i in range(len(shares))]
+            index = int(np.argmax(gaps))
+        assignment[patient] = SPLITS[index]
+        counts[index] += images_per_patient[patient]
+    return assignment
 
 
 def _seeded_hash(seed: int, patient: str) -> str:

@@ -48,6 +48,7 @@ class DemoPlan:
     batch_size: int = 32
     learning_rate: float = 2e-3
     max_minutes: float = 6.0
+    localisation_weight: float = 1.0
 
     def fingerprint(self) -> str:
         """Identifies the synthetic data (same plan, same images)."""
@@ -162,6 +163,7 @@ def _make_split(
     parts: list[str] = []
     fractured: list[bool] = []
     tiers: list[str] = []
+    segments: list[tuple[float, float, float, float] | None] = []
     for i in range(count):
         rng = patient_rng(plan.seed, split, i)
         part = BODY_PARTS[i % len(BODY_PARTS)]
@@ -171,6 +173,7 @@ def _make_split(
         parts.append(part)
         fractured.append(bool(image.fractured))
         tiers.append(str(image.difficulty))
+        segments.append(image.fracture_segment)
         advance(1)
     router = build_image_set(
         images, [BODY_PARTS.index(p) for p in parts], router_params, parts, tiers
@@ -182,6 +185,7 @@ def _make_split(
         fracture_params,
         [parts[i] for i in limb],
         [tiers[i] for i in limb],
+        segments=[segments[i] for i in limb],
     )
     return router, fracture
 
@@ -203,7 +207,9 @@ def _config(plan: DemoPlan, task: str) -> FitConfig:
         optimizer="adamw",
         loss="focal",
         seed=plan.seed,
-        early_stop_patience=6,
+        early_stop_patience=100,  # one-cycle schedule: the last epochs are the best
+        schedule="cosine",
+        localisation_weight=0.0 if router else plan.localisation_weight,
         max_minutes=plan.max_minutes,
         monitor="accuracy" if router else "auc",
     )

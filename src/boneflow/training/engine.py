@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import cv2
 import numpy as np
 import numpy.typing as npt
 import torch
@@ -24,8 +25,8 @@ import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 from torch import nn
 
-from boneflow.models.networks import build_network
-from boneflow.models.transforms import PreprocessParams, preprocess
+from boneflow.models.networks import build_network, gradcam_layer
+from boneflow.models.transforms import Geometry, PreprocessParams, preprocess
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,7 @@ class ImageSet:
     labels: npt.NDArray[np.int64]
     body_parts: tuple[str, ...]
     difficulties: tuple[str, ...]
+    masks: npt.NDArray[np.uint8] | None = None  # N x S x S, 255 on the fracture line (synth)
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -63,6 +65,8 @@ class FitConfig:
     max_minutes: float | None = None
     augment: bool = True
     monitor: str = "auc"  # auc (binary) or accuracy
+    schedule: str = "plateau"  # plateau (ReduceLROnPlateau) or cosine (short runs: the demo)
+    localisation_weight: float = 0.0  # > 0: also learn where the fracture is (needs masks)
 
     def to_dict(self) -> dict[str, object]:
         """JSON-ready hyper-parameters."""
@@ -87,6 +91,7 @@ def build_image_set(
     body_parts: Sequence[str],
     difficulties: Sequence[str] | None = None,
     progress: Callable[[int], None] | None = None,
+    segments: Sequence[tuple[float, float, float, float] | None] | None = None,
 ) -> ImageSet:
     """Preprocess every image once into a ``uint8`` cache.
 
@@ -97,14 +102,20 @@ def build_image_set(
         body_parts: body part of each image (for per-part metrics).
         difficulties: fracture difficulty of each image, if known.
         progress: called with the number of images just done.
+        segments: per image, the fracture line ``(x0, y0, x1, y1)`` in source pixels (or
+            None); drawn into ``masks`` on the network input's grid.
     """
     count = len(labels)
     size = params.input_size
     cache = np.zeros((count, size, size), dtype=np.uint8)
+    masks = np.zeros((count, size, size), dtype=np.uint8) if segments is not None else None
     for i in range(count):
         image = images(i) if callable(images) else images[i]
-        tensor, _ = preprocess(image, params)
+        tensor, geometry = preprocess(image, params)
         cache[i] = np.rint(tensor[0] * 255.0).astype(np.uint8)
+        segment = segments[i] if segments is not None else None
+        if masks is not None and segment is not None:
+            _draw_segment(masks[i], segment, geometry)
         if progress is not None:
             progress(1)
     return ImageSet(
@@ -112,6 +123,7 @@ def build_image_set(
         labels=np.asarray(labels, dtype=np.int64),
         body_parts=tuple(body_parts),
         difficulties=tuple(difficulties or ["none"] * count),
+        masks=masks,
     )
 
 
@@ -141,10 +153,9 @@ def fit(
     cuda = device.type == "cuda"
     if cuda:
         network = network.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-    optimizer = _optimizer(config, network)
-    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-        optimizer, mode="min", factor=0.1, patience=config.plateau_patience
-    )
+    localiser = _Localiser(network, config, train, device)
+    optimizer = _optimizer(config, network, localiser.head)
+    scheduler = _scheduler(config, optimizer, len(train))
     scaler = torch.amp.GradScaler("cuda", enabled=cuda)
     weights = class_weights(train.labels, config.num_classes).to(device)
     history: list[dict[str, float]] = []
@@ -159,6 +170,8 @@ def fit(
         scheduler.load_state_dict(state["scheduler"])
         generator.set_state(state["generator"])
         best_state = state["best_model"]
+        if localiser.head is not None and "localiser" in state:
+            localiser.head.load_state_dict(state["localiser"])
         history = [dict(h) for h in state["history"]]
         best_score, best_epoch = float(state["best_score"]), int(state["best_epoch"])
         bad_epochs, start_epoch = int(state["bad_epochs"]), int(state["epoch"])
@@ -170,7 +183,17 @@ def fit(
     for epoch in range(start_epoch, config.epochs):
         epoch_started = time.monotonic()
         train_loss = _train_epoch(
-            network, optimizer, scaler, train, config, weights, generator, device, on_batch
+            network,
+            optimizer,
+            scheduler,
+            scaler,
+            train,
+            config,
+            weights,
+            generator,
+            device,
+            on_batch,
+            localiser,
         )
         val_probs = predict(network, val, device, config.batch_size)
         val_loss = float(
@@ -179,7 +202,8 @@ def fit(
             )
         )
         score = _score(config.monitor, val.labels, val_probs)
-        scheduler.step(val_loss)
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            scheduler.step(val_loss)
         line = {
             "epoch": float(epoch + 1),
             "train_loss": train_loss,
@@ -209,6 +233,7 @@ def fit(
                 "best_epoch": best_epoch,
                 "bad_epochs": bad_epochs,
                 "epoch": epoch + 1,
+                **({"localiser": localiser.head.state_dict()} if localiser.head else {}),
             },
             checkpoint_path,
         )
@@ -220,6 +245,7 @@ def fit(
         if config.max_minutes is not None and time.monotonic() - started > config.max_minutes * 60:
             stopped = "time-limit"
             break
+    localiser.close()
     network.load_state_dict(best_state)
     network.eval()
     return FitResult(network, tuple(history), best_epoch, stopped, time.monotonic() - started)
@@ -242,8 +268,13 @@ def predict(
     return np.concatenate(out)
 
 
-def augment_batch(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Random rotation (±10°), zoom (0.9-1.1), shift (±6 %), left-right flip, gamma, noise."""
+def augment_batch(
+    batch: torch.Tensor, generator: torch.Generator, mask: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Random rotation (±10°), zoom (0.9-1.1), shift (±6 %), left-right flip, gamma, noise.
+
+    A fracture ``mask`` (same shape as the batch) gets the same geometric transform.
+    """
     n = batch.shape[0]
 
     def uniform(low: float, high: float) -> torch.Tensor:
@@ -259,11 +290,13 @@ def augment_batch(batch: torch.Tensor, generator: torch.Generator) -> torch.Tens
     theta[:, 0, 2], theta[:, 1, 2] = uniform(-0.12, 0.12), uniform(-0.12, 0.12)
     grid = F.affine_grid(theta.to(batch.device), list(batch.shape), align_corners=False)
     out = F.grid_sample(batch, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    if mask is not None:
+        mask = F.grid_sample(mask, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     gamma = uniform(0.8, 1.25).to(batch.device).view(n, 1, 1, 1)
     out = out.clamp(0.0, 1.0).pow(gamma)
     noise = torch.randn(out.shape, generator=generator).to(batch.device)
     noisy = torch.rand(n, generator=generator).to(batch.device).view(n, 1, 1, 1) < 0.2
-    return torch.where(noisy, (out + 0.02 * noise).clamp(0.0, 1.0), out)
+    return torch.where(noisy, (out + 0.02 * noise).clamp(0.0, 1.0), out), mask
 
 
 def class_weights(labels: npt.NDArray[np.int64], num_classes: int) -> torch.Tensor:
@@ -304,6 +337,7 @@ def resolve_device(name: str) -> torch.device:
 def _train_epoch(
     network: nn.Module,
     optimizer: torch.optim.Optimizer,
+    scheduler: _Scheduler,
     scaler: torch.amp.GradScaler,
     data: ImageSet,
     config: FitConfig,
@@ -311,6 +345,7 @@ def _train_epoch(
     generator: torch.Generator,
     device: torch.device,
     on_batch: Callable[[], None] | None,
+    localiser: _Localiser,
 ) -> float:
     network.train()
     order = torch.randperm(len(data), generator=generator).numpy()
@@ -320,8 +355,11 @@ def _train_epoch(
         if len(index) < 2:  # batch norm needs two samples
             continue
         batch = _batch(data.images[index], device)
+        mask = None
+        if localiser.active and data.masks is not None:
+            mask = _batch(data.masks[index], device)
         if config.augment:
-            batch = augment_batch(batch, generator)
+            batch, mask = augment_batch(batch, generator, mask)
         target = torch.from_numpy(data.labels[index]).to(device)
         with torch.autocast(device.type, enabled=device.type == "cuda"):
             logits = network(batch)
@@ -329,10 +367,14 @@ def _train_epoch(
             loss = focal_loss(logits, target, weights)
         else:
             loss = F.cross_entropy(logits.float(), target, weight=weights)
+        if mask is not None:
+            loss = loss + config.localisation_weight * localiser.loss(mask)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()  # type: ignore[no-untyped-call]
         scaler.step(optimizer)
         scaler.update()
+        if not isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            scheduler.step()  # cosine: per batch
         total += float(loss.detach()) * len(index)
         seen += len(index)
         if on_batch is not None:
@@ -354,12 +396,85 @@ def _score(monitor: str, labels: npt.NDArray[np.int64], probs: npt.NDArray[np.fl
     return float((probs.argmax(1) == labels).mean())
 
 
-def _optimizer(config: FitConfig, network: nn.Module) -> torch.optim.Optimizer:
-    if config.optimizer == "adamw":
-        return torch.optim.AdamW(network.parameters(), lr=config.learning_rate, weight_decay=1e-4)
-    return torch.optim.SGD(
-        network.parameters(), lr=config.learning_rate, momentum=0.9, weight_decay=1e-4
+_Scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau | torch.optim.lr_scheduler.LRScheduler
+
+
+def _scheduler(config: FitConfig, optimizer: torch.optim.Optimizer, images: int) -> _Scheduler:
+    """ReduceLROnPlateau (factor 0.1, patience 5) by default; one-cycle cosine for short runs."""
+    if config.schedule == "cosine":
+        steps = max(1, sum(1 for s in range(0, images, config.batch_size) if images - s >= 2))
+        return torch.optim.lr_scheduler.OneCycleLR(
+            optimizer,
+            max_lr=config.learning_rate,
+            total_steps=steps * config.epochs,
+            pct_start=0.15,
+        )
+    return torch.optim.lr_scheduler.ReduceLROnPlateau(
+        optimizer, mode="min", factor=0.1, patience=config.plateau_patience
     )
+
+
+def _optimizer(
+    config: FitConfig, network: nn.Module, extra: nn.Module | None = None
+) -> torch.optim.Optimizer:
+    parameters = list(network.parameters()) + (list(extra.parameters()) if extra else [])
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=1e-4)
+    return torch.optim.SGD(parameters, lr=config.learning_rate, momentum=0.9, weight_decay=1e-4)
+
+
+class _Localiser:
+    """An auxiliary 1x1 convolution on the Grad-CAM layer that learns where the fracture is.
+
+    Training only: it gives the network a dense signal (the drawn fracture line) on top of
+    the image label, so that a few epochs suffice to find thin cracks; it is not part of
+    the registered model. The Grad-CAM layer is named in :mod:`boneflow.models.networks`.
+    """
+
+    def __init__(
+        self, network: nn.Module, config: FitConfig, data: ImageSet, device: torch.device
+    ) -> None:
+        self.active = config.localisation_weight > 0 and data.masks is not None
+        self.features: torch.Tensor | None = None
+        self.head: nn.Module | None = None
+        if not self.active:
+            return
+        layer = dict(network.named_modules())[gradcam_layer(config.architecture)]
+        self._hook = layer.register_forward_hook(self._keep)
+        with torch.no_grad():
+            network.eval()
+            network(torch.zeros(1, 1, data.images.shape[1], data.images.shape[2], device=device))
+        if self.features is None:
+            raise RuntimeError(f"{config.architecture}: the Grad-CAM layer produced no output")
+        self.head = nn.Conv2d(int(self.features.shape[1]), 1, kernel_size=1).to(device)
+
+    def close(self) -> None:
+        """Remove the hook from the network (the registered model carries no trace of it)."""
+        if self.active:
+            self._hook.remove()
+
+    def _keep(self, _module: nn.Module, _inputs: object, output: torch.Tensor) -> None:
+        self.features = output
+
+    def loss(self, mask: torch.Tensor) -> torch.Tensor:
+        """Binary cross-entropy of the predicted fracture map against the (pooled) mask."""
+        if self.head is None or self.features is None:
+            raise RuntimeError("localiser used before a forward pass")
+        predicted = self.head(self.features.float())
+        target = F.adaptive_max_pool2d(mask, predicted.shape[-2:]).clamp(0.0, 1.0)
+        weight = 1.0 + 20.0 * target  # a crack covers few cells; do not let zeros win
+        return F.binary_cross_entropy_with_logits(predicted, target, weight=weight)
+
+
+def _draw_segment(
+    mask: npt.NDArray[np.uint8], segment: tuple[float, float, float, float], geometry: Geometry
+) -> None:
+    scale = geometry.scale
+    x0, y0, x1, y1 = segment
+    start = (round(x0 * scale + geometry.pad_left), round(y0 * scale + geometry.pad_top))
+    end = (round(x1 * scale + geometry.pad_left), round(y1 * scale + geometry.pad_top))
+    thickness = max(2, geometry.input_size // 48)
+    cv2.line(mask, start, end, color=255, thickness=thickness)
 
 
 def _state_copy(network: nn.Module) -> dict[str, torch.Tensor]:

@@ -57,10 +57,12 @@ def big_instance(folder: Path, rows: int, columns: int, declared: tuple[int, int
 
 def test_declared_4_gib_pdu_is_cut_off_at_once(listener: RunningListener) -> None:
     assoc = associate(listener.port)
+    raw = assoc.dul.socket.socket
     before = rss_bytes()
     started = time.monotonic()
-    assoc.dul.socket.socket.sendall(b"\x04\x00\xff\xff\xff\xff" + b"\x00" * 64)
+    raw.sendall(b"\x04\x00\xff\xff\xff\xff" + b"\x00" * 64)
     poll(lambda: not assoc.is_established, "the association to be aborted", 10)
+    raw.close()  # pynetdicom leaves a reset socket unclosed
     assert time.monotonic() - started < 3
     assert rss_bytes() - before < 32 * 2**20
     assert store_one(listener.port) == 0  # others are still served
@@ -83,14 +85,16 @@ def test_unfinished_fragment_is_cut_off_by_the_network_timeout(
 ) -> None:
     timeout = listener.settings.network_timeout_seconds
     assoc = associate(listener.port)
+    raw = assoc.dul.socket.socket
     # A P-DATA PDU that promises 16 KB and delivers 100 bytes, then nothing.
-    assoc.dul.socket.socket.sendall(b"\x04\x00\x00\x00\x40\x00" + b"\x00" * 100)
+    raw.sendall(b"\x04\x00\x00\x00\x40\x00" + b"\x00" * 100)
     started = time.monotonic()
     result: list[int] = []
     other = threading.Thread(target=lambda: result.append(store_one(listener.port)))
     other.start()  # served while the stalled peer waits to be cut off
     poll(lambda: not assoc.is_established, "the stalled association to be cut off", 30)
     elapsed = time.monotonic() - started
+    raw.close()
     other.join(60)
     assert result == [0]
     assert timeout - 0.5 <= elapsed <= timeout + 5

@@ -22,14 +22,12 @@ import multiprocessing.synchronize
 import shutil
 import socket
 import ssl
-import tempfile
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
-import pynetdicom.dimse_messages
 from pydicom import dcmread
 from pynetdicom import AE, _config, evt
 from pynetdicom.transport import (
@@ -40,6 +38,7 @@ from pynetdicom.transport import (
 
 from boneflow.config import Settings
 from boneflow.db.audit import Audit, InstanceStatus
+from boneflow.dicom.incoming import INCOMING_ATTRIBUTE, install_incoming_tempfiles
 from boneflow.dicom.security import (
     DEFLATED,
     HeaderProblem,
@@ -79,7 +78,6 @@ OUT_OF_RESOURCES = 0xA700
 CANNOT_UNDERSTAND = 0xC000
 
 _ASSOC_ID = "_boneflow_association_id"
-_INCOMING = "_boneflow_incoming_dir"
 _VIOLATION = "_boneflow_violation"
 _CONTROL_MESSAGE_PDU_LIMIT = 1024 * 1024  # associate/release/abort PDUs are small
 
@@ -153,7 +151,7 @@ class _Ingest:
     def on_requested(self, event: Any) -> None:
         """Refuse callers not in ALLOWED_CALLERS with the standard reason (0x03)."""
         assoc = event.assoc
-        setattr(assoc, _INCOMING, self.spool.incoming_dir)
+        setattr(assoc, INCOMING_ATTRIBUTE, self.spool.incoming_dir)
         calling = str(assoc.requestor.primitive.calling_ae_title).strip()
         if caller_allowed(self.settings.allowed_callers, calling, str(assoc.requestor.address)):
             return
@@ -189,19 +187,18 @@ class _Ingest:
     def on_conn_close(self, event: Any) -> None:
         """Record a limit violation and delete a partial dataset left by a dead peer."""
         assoc = event.assoc
-        sock = getattr(assoc.dul, "socket", None)
-        violation = getattr(sock, _VIOLATION, None)
-        if violation:
-            self.audit.instance_received(
-                status=InstanceStatus.REFUSED,
-                association_id=getattr(assoc, _ASSOC_ID, None),
-                reason=f"association aborted: {violation}",
-            )
         message = getattr(assoc.dimse, "message", None)
         partial: IO[bytes] | None = getattr(message, "_data_set_file", None)
         if partial is not None:
             partial.close()
             Path(partial.name).unlink(missing_ok=True)
+        violation = getattr(getattr(assoc.dul, "socket", None), _VIOLATION, None)
+        if violation:
+            self._record_failure(
+                {"association_id": getattr(assoc, _ASSOC_ID, None), "sop_instance_uid": None},
+                f"association aborted: {violation}",
+                status=InstanceStatus.REFUSED,
+            )
 
     def on_c_store(self, event: Any) -> int:
         """Store one instance; acknowledge only once it is on disk and audited."""
@@ -285,30 +282,55 @@ class _Ingest:
             log.exception("cannot audit the refusal of %s", fields["sop_instance_uid"])
         return problem.status
 
-    def _record_failure(self, fields: dict[str, Any], reason: str, started: float) -> None:
+    def _record_failure(
+        self,
+        fields: dict[str, Any],
+        reason: str,
+        started: float | None = None,
+        status: InstanceStatus = InstanceStatus.FAILED,
+    ) -> None:
+        elapsed_ms = None if started is None else (time.monotonic() - started) * 1000
         try:
             self.audit.instance_received(
-                status=InstanceStatus.FAILED,
-                reason=reason,
-                elapsed_ms=(time.monotonic() - started) * 1000,
-                **fields,
+                status=status, reason=reason, elapsed_ms=elapsed_ms, **fields
             )
         except Exception:  # already failing; logging is all that is left
             log.exception("cannot audit the failure of %s", fields["sop_instance_uid"])
 
-    def _audit_association(self, assoc: Any, *, accepted: bool, reason: str | None = None) -> int:
+    def _audit_association(
+        self, assoc: Any, *, accepted: bool, reason: str | None = None
+    ) -> int | None:
+        """Append the association row; its id, or None when the audit log is away."""
         requestor = assoc.requestor
         primitive = requestor.primitive
         calling = str(primitive.calling_ae_title) if primitive else str(requestor.ae_title)
         called = str(primitive.called_ae_title) if primitive else self.settings.ae_title
-        return self.audit.association_opened(
-            calling_ae_title=calling,
-            called_ae_title=called,
-            peer_address=str(requestor.address),
-            peer_port=int(requestor.port or 0),
-            accepted=accepted,
-            reason=reason,
+        return self.audit_association(
+            calling, called, str(requestor.address), int(requestor.port or 0), accepted, reason
         )
+
+    def audit_association(
+        self,
+        calling_ae_title: str,
+        called_ae_title: str,
+        peer_address: str,
+        peer_port: int,
+        accepted: bool,
+        reason: str | None,
+    ) -> int | None:
+        """Append an association row; a failing audit log is logged, never raised."""
+        try:
+            return self.audit.association_opened(
+                calling_ae_title=calling_ae_title,
+                called_ae_title=called_ae_title,
+                peer_address=peer_address,
+                peer_port=peer_port,
+                accepted=accepted,
+                reason=reason,
+            )
+        except Exception:  # instances of this association then fail with 0xA700
+            log.exception("cannot audit the association from %s", calling_ae_title)
+            return None
 
 
 class _BoundedSocket(AssociationSocket):
@@ -396,13 +418,13 @@ class _RequestHandler(RequestHandler):
                 self.request.settimeout(self.server.settings.acse_timeout_seconds or None)
                 self.request.do_handshake()
             except (OSError, ssl.SSLError) as exc:
-                self.server.ingest.audit.association_opened(
-                    calling_ae_title="",
-                    called_ae_title=self.server.settings.ae_title,
-                    peer_address=str(self.client_address[0]),
-                    peer_port=int(self.client_address[1]),
-                    accepted=False,
-                    reason=f"TLS handshake failed: {exc}",
+                self.server.ingest.audit_association(
+                    "",
+                    self.server.settings.ae_title,
+                    str(self.client_address[0]),
+                    int(self.client_address[1]),
+                    False,
+                    f"TLS handshake failed: {exc}",
                 )
                 log.warning("TLS handshake with %s failed: %s", self.client_address[0], exc)
                 self.server.shutdown_request(self.request)
@@ -471,7 +493,7 @@ class _Server(ThreadedAssociationServer):
 def _start_server(
     settings: Settings, audit: Audit, on_stored: OnStored, *, reuse_port: bool
 ) -> _Server:
-    _install_incoming_tempfiles()
+    install_incoming_tempfiles()
     _config.STORE_RECV_CHUNKED_DATASET = True
     ae = AE(ae_title=settings.ae_title)
     ae.maximum_associations = settings.max_associations
@@ -522,28 +544,6 @@ def _handle_for(server: _Server) -> ListenerHandle:
         stopped.set()
 
     return ListenerHandle(int(server.server_address[1]), stop, stopped.wait)
-
-
-def _install_incoming_tempfiles() -> None:
-    """Make pynetdicom's chunked receive write into the listener's ``.incoming`` folder.
-
-    Same file system as the spool, so storing is a hard link, not a copy; partial files of
-    dead associations are found and deleted there. The folder is taken from the
-    association that owns the receiving (DUL) thread.
-    """
-    if getattr(getattr(pynetdicom.dimse_messages, "NamedTemporaryFile", None), "_boneflow", False):
-        return
-    original = tempfile.NamedTemporaryFile
-
-    def named_temporary_file(*args: Any, **kwargs: Any) -> Any:
-        assoc = getattr(threading.current_thread(), "_assoc", None)
-        folder = getattr(assoc, _INCOMING, None)
-        if folder is not None:
-            kwargs.setdefault("dir", folder)
-        return original(*args, **kwargs)
-
-    named_temporary_file._boneflow = True  # type: ignore[attr-defined]
-    setattr(pynetdicom.dimse_messages, "NamedTemporaryFile", named_temporary_file)  # noqa: B010
 
 
 # ---- several listener processes on one port ----------------------------------------------

@@ -69,6 +69,14 @@ def main() -> int:
         print(f"{len(files)} radiographs, {megabytes:.0f} MB, loopback, PDU {PDU // 1024} KiB")
         results: list[Result] = []
         for associations in (1, 4):
+            seconds = _disk_ceiling(root / "disk", files, associations)
+            ceiling = Result("disk write+fsync", associations, len(files), megabytes, seconds)
+            results.append(ceiling)
+            print(
+                f"  {ceiling.receiver:15s} {associations} thr:   {ceiling.images_per_second:6.1f} "
+                f"img/s {ceiling.megabytes_per_second:6.0f} MB/s (no network, the fsync ceiling)",
+                flush=True,
+            )
             for name, receiver in (
                 ("dcmtk storescp", _storescp),
                 ("boneflow", lambda r, a: _boneflow(r, a, args.processes)),
@@ -100,6 +108,29 @@ def _prepare(folder: Path, count: int) -> list[Path]:
         ds.save_as(path, enforce_file_format=True)
         files.append(path)
     return files
+
+
+def _disk_ceiling(folder: Path, files: list[Path], threads: int) -> float:
+    """Write each file and fsync it, as the spool must, without any network or DICOM."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    folder.mkdir(exist_ok=True)
+
+    def write(index: int) -> None:
+        data = files[index].read_bytes()
+        target = folder / f"{index}.dcm"
+        with target.open("wb") as out:
+            for start in range(0, len(data), PDU):
+                out.write(data[start : start + PDU])
+                out.flush()
+            os.fsync(out.fileno())
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(write, range(len(files))))
+    seconds = time.perf_counter() - started
+    shutil.rmtree(folder)
+    return seconds
 
 
 def _send(port: int, files: list[Path], associations: int) -> float:
@@ -184,20 +215,26 @@ def _noop(instance: StoredInstance) -> None:
 
 def _print_table(results: list[Result], processes: int) -> None:
     print()
-    print("| associations | receiver | img/s | MB/s | boneflow / storescp |")
-    print("|---|---|---|---|---|")
+    print("| associations | receiver | img/s | MB/s | boneflow / storescp | boneflow / disk |")
+    print("|---|---|---|---|---|---|")
     for associations in (1, 4):
-        pair = {r.receiver: r for r in results if r.associations == associations}
-        reference, ours = pair["dcmtk storescp"], pair["boneflow"]
+        case = {r.receiver: r for r in results if r.associations == associations}
+        disk, reference, ours = case["disk write+fsync"], case["dcmtk storescp"], case["boneflow"]
         ratio = ours.images_per_second / reference.images_per_second
+        of_disk = ours.images_per_second / disk.images_per_second
         label = f"boneflow ({processes} processes)" if associations > 1 else "boneflow (1 process)"
-        print(
-            f"| {associations} | dcmtk storescp{' --fork' if associations > 1 else ''} | "
-            f"{reference.images_per_second:.0f} | {reference.megabytes_per_second:.0f} | |"
+        rows = (
+            (f"write+fsync only ({associations} thread{'s' if associations > 1 else ''})", disk),
+            (f"dcmtk storescp{' --fork' if associations > 1 else ''}", reference),
         )
+        for name, row in rows:
+            print(
+                f"| {associations} | {name} | {row.images_per_second:.0f} | "
+                f"{row.megabytes_per_second:.0f} | | |"
+            )
         print(
             f"| {associations} | {label} | {ours.images_per_second:.0f} | "
-            f"{ours.megabytes_per_second:.0f} | {ratio:.2f}x |"
+            f"{ours.megabytes_per_second:.0f} | {ratio:.2f}x | {of_disk:.2f}x |"
         )
 
 

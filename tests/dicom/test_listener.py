@@ -23,8 +23,10 @@ from pynetdicom.sop_class import (
     Verification,
 )
 
-from boneflow.config import CallerRule, Destination
-from boneflow.dicom.listener import TRANSFER_SYNTAXES
+from boneflow.config import CallerRule, Destination, Settings
+from boneflow.db.audit import Audit
+from boneflow.db.migrate import upgrade
+from boneflow.dicom.listener import TRANSFER_SYNTAXES, start_listener
 from boneflow.dicom.send import store_datasets
 
 from .conftest import (
@@ -316,20 +318,16 @@ def _encoded(ds: Dataset) -> bytes:
 
 
 def test_on_stored_that_raises_is_audited_and_the_peer_gets_success(
-    ingest_settings: object, tmp_path: Path
+    ingest_settings: Settings,
 ) -> None:
-    from boneflow.db.audit import Audit
-    from boneflow.db.migrate import upgrade
-    from boneflow.dicom.listener import start_listener
-
     settings = ingest_settings
-    upgrade(settings.resolved_database_url)  # type: ignore[attr-defined]
-    audit = Audit.open(settings.resolved_database_url)  # type: ignore[attr-defined]
+    upgrade(settings.resolved_database_url)
+    audit = Audit.open(settings.resolved_database_url)
 
     def broken(instance: object) -> None:
         raise RuntimeError("queue is down")
 
-    handle = start_listener(settings, audit, broken)  # type: ignore[arg-type]
+    handle = start_listener(settings, audit, broken)
     try:
         done = dcmtk("storescu", "-R", "-xv", "-aec", "BONEFLOW", "127.0.0.1", str(handle.port),
                      str(radiograph("RG1_J2KR.dcm")))  # fmt: skip

@@ -1,0 +1,339 @@
+"""The persistent outbox: result files plus audit rows, one item per object and destination.
+
+An item is final once an attempt is SENT or GAVE_UP; every attempt is one audit row, so
+the outbox's state is always the audit log's. Files live under ``DATA_DIR/outbox`` until
+every item that points at them is final; a copy of every result stays in
+``DATA_DIR/results`` for people to look at.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.errors import InvalidDicomError
+from sqlalchemy import func, select
+
+from boneflow.config import Destination, Settings, parse_node
+from boneflow.db.audit import Audit, DispatchStatus
+from boneflow.db.schema import DispatchAttempt, OutboxItem
+from boneflow.dicom.results import ResultObjects, write_heatmap_pngs, write_result_files
+from boneflow.errors import ConfigError, DestinationRefused, DestinationUnavailable
+
+log = logging.getLogger(__name__)
+
+BASE_DELAY_SECONDS = 5.0
+MAX_DELAY_SECONDS = 600.0
+FINAL_DISPATCH_STATES = frozenset({DispatchStatus.SENT, DispatchStatus.GAVE_UP})
+_SUCCESS = 0x0000
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxEntry:
+    """An outbox item that still has to reach its destination."""
+
+    outbox_item_id: int
+    destination: str
+    study_instance_uid: str | None
+    sop_instance_uid: str
+    sop_class_uid: str
+    path: str
+    job_id: int | None
+    created_at: datetime
+    failed_attempts: int
+    last_error: str | None
+
+
+def enqueue_results(
+    settings: Settings, audit: Audit, objects: ResultObjects, job_id: int | None
+) -> list[int]:
+    """Keep the result files and put one outbox item per object and destination.
+
+    Files go to ``results/<study>/`` (with a PNG of each SC) and, when there are
+    destinations, to ``outbox/<study>/``; both are written atomically before any item is
+    recorded. Calling it again with the same objects adds nothing.
+
+    Returns:
+        The outbox item ids (existing ones included), SCs before the SR of each destination.
+    """
+    study = objects.study_instance_uid
+    kept = settings.results_dir / _folder_name(study)
+    write_result_files(objects, kept)
+    write_heatmap_pngs(objects, kept)
+    if not settings.destinations:
+        log.info("study %s: results in %s; no destinations configured", study, kept)
+        return []
+    paths = write_result_files(objects, settings.outbox_dir / _folder_name(study))
+    uids = [str(ds.SOPInstanceUID) for ds in objects.datasets]
+    existing = _existing_items(audit, uids)
+    ids: list[int] = []
+    for destination in settings.destinations:
+        for ds, path in zip(objects.datasets, paths, strict=True):
+            key = (str(destination), str(ds.SOPInstanceUID))
+            if key in existing:
+                ids.append(existing[key])
+                continue
+            ids.append(
+                audit.outbox_item_added(
+                    destination=str(destination),
+                    sop_instance_uid=str(ds.SOPInstanceUID),
+                    sop_class_uid=str(ds.SOPClassUID),
+                    path=_stored_path(settings, path),
+                    study_instance_uid=study,
+                    job_id=job_id,
+                )
+            )
+    log.info(
+        "study %s: %d result objects to %d destinations",
+        study,
+        len(paths),
+        len(settings.destinations),
+    )
+    return ids
+
+
+def deliver(settings: Settings, audit: Audit, outbox_item_id: int) -> DispatchStatus:
+    """Make one attempt to send an outbox item; audit it.
+
+    A no-op returning the final status when the item was already SENT or GAVE_UP. A failed
+    attempt of an item older than ``OUTBOX_MAX_AGE_SECONDS`` gives up (GAVE_UP, audited,
+    logged as an error); so does an item whose file or destination can never work.
+
+    Raises:
+        DestinationUnavailable: this attempt failed and a later one may succeed (the
+            destination is down, or refused the object and has not yet run out of time).
+        LookupError: there is no such outbox item.
+    """
+    item = _load_item(audit, outbox_item_id)
+    final = _final_status(audit, outbox_item_id)
+    if final is not None:
+        log.info("outbox item %s is already %s", outbox_item_id, final)
+        return final
+    started = time.monotonic()
+    try:
+        destination = parse_node(item.destination)
+        path = _resolved_path(settings, item.path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing")
+        _send(settings, destination, path)
+    except (ConfigError, FileNotFoundError, InvalidDicomError, ValueError) as exc:
+        # Can never work: the file is gone or unreadable, the destination is malformed.
+        error = f"cannot send: {exc}"
+        return _give_up(audit, settings, item, error, _elapsed_ms(started))
+    except (DestinationUnavailable, DestinationRefused, OSError) as exc:
+        elapsed_ms = _elapsed_ms(started)
+        age = _age_seconds(item.recorded_at)
+        if age >= settings.outbox_max_age_seconds:
+            error = f"{exc}; gave up after {age:.0f} s (OUTBOX_MAX_AGE_SECONDS)"
+            return _give_up(audit, settings, item, error, elapsed_ms)
+        audit.dispatch_attempted(
+            outbox_item_id, DispatchStatus.FAILED, error=str(exc), elapsed_ms=elapsed_ms
+        )
+        log.warning("outbox item %s to %s failed: %s", outbox_item_id, item.destination, exc)
+        raise DestinationUnavailable(str(exc)) from exc
+    audit.dispatch_attempted(outbox_item_id, DispatchStatus.SENT, elapsed_ms=_elapsed_ms(started))
+    log.info(
+        "sent %s to %s (outbox item %s)", item.sop_instance_uid, item.destination, outbox_item_id
+    )
+    _remove_file_when_done(settings, audit, item.path)
+    return DispatchStatus.SENT
+
+
+def pending_items(audit: Audit) -> list[OutboxEntry]:
+    """Outbox items that are neither SENT nor GAVE_UP, oldest first."""
+    final = select(DispatchAttempt.outbox_item_id).where(
+        DispatchAttempt.status.in_([str(s) for s in FINAL_DISPATCH_STATES])
+    )
+    failures = (
+        select(
+            DispatchAttempt.outbox_item_id,
+            func.count(DispatchAttempt.id).label("failed"),
+            func.max(DispatchAttempt.id).label("last_id"),
+        )
+        .where(DispatchAttempt.status == str(DispatchStatus.FAILED))
+        .group_by(DispatchAttempt.outbox_item_id)
+        .subquery()
+    )
+    query = (
+        select(OutboxItem, failures.c.failed, DispatchAttempt.error)
+        .outerjoin(failures, failures.c.outbox_item_id == OutboxItem.id)
+        .outerjoin(DispatchAttempt, DispatchAttempt.id == failures.c.last_id)
+        .where(OutboxItem.id.not_in(final))
+        .order_by(OutboxItem.id)
+    )
+    with audit.session() as session:
+        return [
+            OutboxEntry(
+                outbox_item_id=item.id,
+                destination=item.destination,
+                study_instance_uid=item.study_instance_uid,
+                sop_instance_uid=item.sop_instance_uid,
+                sop_class_uid=item.sop_class_uid,
+                path=item.path,
+                job_id=item.job_id,
+                created_at=_utc(item.recorded_at),
+                failed_attempts=int(failed or 0),
+                last_error=error,
+            )
+            for item, failed, error in session.execute(query)
+        ]
+
+
+def outbox_summary(audit: Audit) -> dict[str, int]:
+    """Counts for ``boneflow status``.
+
+    Keys: ``items``, ``sent``, ``gave_up``, ``pending``, ``failed_attempts`` (of items
+    still pending) and ``oldest_pending_seconds`` (0 when nothing is pending).
+    """
+    with audit.session() as session:
+        total = int(session.scalar(select(func.count(OutboxItem.id))) or 0)
+        finals = dict(
+            session.execute(
+                select(
+                    DispatchAttempt.status,
+                    func.count(func.distinct(DispatchAttempt.outbox_item_id)),
+                )
+                .where(DispatchAttempt.status.in_([str(s) for s in FINAL_DISPATCH_STATES]))
+                .group_by(DispatchAttempt.status)
+            ).all()
+        )
+    pending = pending_items(audit)
+    oldest = min((entry.created_at for entry in pending), default=None)
+    return {
+        "items": total,
+        "sent": int(finals.get(str(DispatchStatus.SENT), 0)),
+        "gave_up": int(finals.get(str(DispatchStatus.GAVE_UP), 0)),
+        "pending": len(pending),
+        "failed_attempts": sum(entry.failed_attempts for entry in pending),
+        "oldest_pending_seconds": int(_age_seconds(oldest)) if oldest is not None else 0,
+    }
+
+
+def next_delay_seconds(
+    attempt: int,
+    base_seconds: float = BASE_DELAY_SECONDS,
+    max_seconds: float = MAX_DELAY_SECONDS,
+    rng: random.Random | None = None,
+) -> float:
+    """Exponential back-off with jitter before attempt ``attempt + 1`` (attempt >= 0).
+
+    The ceiling doubles with each attempt up to ``max_seconds``; the delay is drawn
+    uniformly from its upper half, so retries of many items spread out without any
+    retry coming much sooner than the schedule.
+    """
+    ceiling = min(max_seconds, base_seconds * 2.0 ** min(max(attempt, 0), 32))
+    return (rng or random).uniform(ceiling / 2.0, ceiling)
+
+
+def _send(settings: Settings, destination: Destination, path: Path) -> None:
+    if destination.kind == "dicomweb":
+        from boneflow.dicom.stow import store_instances
+
+        store_instances(destination, [dcmread(path)], settings)
+        return
+    from boneflow.dicom.send import store_datasets
+
+    (status,) = store_datasets(destination, [path], settings)
+    if status != _SUCCESS and not 0xB000 <= status <= 0xBFFF:  # warnings are stored
+        raise DestinationRefused(f"{destination} answered C-STORE status 0x{status:04X}")
+
+
+def _give_up(
+    audit: Audit, settings: Settings, item: OutboxItem, error: str, elapsed_ms: float
+) -> DispatchStatus:
+    audit.dispatch_attempted(item.id, DispatchStatus.GAVE_UP, error=error, elapsed_ms=elapsed_ms)
+    log.error(
+        "gave up sending %s to %s (outbox item %s): %s",
+        item.sop_instance_uid,
+        item.destination,
+        item.id,
+        error,
+    )
+    _remove_file_when_done(settings, audit, item.path)
+    return DispatchStatus.GAVE_UP
+
+
+def _load_item(audit: Audit, outbox_item_id: int) -> OutboxItem:
+    with audit.session() as session:
+        item = session.get(OutboxItem, outbox_item_id)
+    if item is None:
+        raise LookupError(f"no outbox item {outbox_item_id}")
+    return item
+
+
+def _final_status(audit: Audit, outbox_item_id: int) -> DispatchStatus | None:
+    with audit.session() as session:
+        status = session.scalar(
+            select(DispatchAttempt.status)
+            .where(
+                DispatchAttempt.outbox_item_id == outbox_item_id,
+                DispatchAttempt.status.in_([str(s) for s in FINAL_DISPATCH_STATES]),
+            )
+            .order_by(DispatchAttempt.id)
+            .limit(1)
+        )
+    return DispatchStatus(status) if status is not None else None
+
+
+def _existing_items(audit: Audit, sop_instance_uids: list[str]) -> dict[tuple[str, str], int]:
+    with audit.session() as session:
+        rows = session.execute(
+            select(OutboxItem.destination, OutboxItem.sop_instance_uid, OutboxItem.id).where(
+                OutboxItem.sop_instance_uid.in_(sop_instance_uids)
+            )
+        ).all()
+    return {(destination, uid): int(item_id) for destination, uid, item_id in rows}
+
+
+def _remove_file_when_done(settings: Settings, audit: Audit, stored: str) -> None:
+    """Delete an outbox file once every item that points at it is final."""
+    final = select(DispatchAttempt.outbox_item_id).where(
+        DispatchAttempt.status.in_([str(s) for s in FINAL_DISPATCH_STATES])
+    )
+    with audit.session() as session:
+        waiting = session.scalar(
+            select(func.count(OutboxItem.id)).where(
+                OutboxItem.path == stored, OutboxItem.id.not_in(final)
+            )
+        )
+    if waiting:
+        return
+    try:
+        _resolved_path(settings, stored).unlink(missing_ok=True)
+    except OSError as exc:  # a leftover file costs disk space only
+        log.warning("cannot remove sent outbox file %s: %s", stored, exc)
+
+
+def _stored_path(settings: Settings, path: Path) -> str:
+    """Paths under DATA_DIR are stored relative to it, so the data directory can move."""
+    try:
+        return str(path.resolve().relative_to(settings.data_dir.resolve()))
+    except ValueError:
+        return str(path.resolve())
+
+
+def _resolved_path(settings: Settings, stored: str) -> Path:
+    path = Path(stored)
+    return path if path.is_absolute() else settings.data_dir / path
+
+
+def _folder_name(study_instance_uid: str) -> str:
+    safe = "".join(c for c in study_instance_uid if c.isdigit() or c == ".").strip(".")
+    return safe or "unknown-study"
+
+
+def _utc(moment: datetime) -> datetime:
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+def _age_seconds(moment: datetime) -> float:
+    return (datetime.now(UTC) - _utc(moment)).total_seconds()
+
+
+def _elapsed_ms(started: float) -> float:
+    return (time.monotonic() - started) * 1000.0

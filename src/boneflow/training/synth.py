@@ -125,6 +125,8 @@ def generate_image(
         spec=spec,
         fracture_type=fracture_type,
         difficulty=difficulty,
+        laterality=laterality,
+        view=view,
     )
     return image
 
@@ -234,10 +236,10 @@ def _check(body_part: str, size: int, fracture_type: str | None, difficulty: str
 def _texture(rng: np.random.Generator, height: int, width: int) -> npt.NDArray[np.float32]:
     """Trabecular texture: band-passed noise around 1."""
     small = rng.standard_normal((height // 2 + 1, width // 2 + 1), dtype=np.float32)
-    band = cv2.GaussianBlur(small, (0, 0), 0.8) - cv2.GaussianBlur(small, (0, 0), 2.5)
+    band = cv2.GaussianBlur(small, (0, 0), 0.7) - cv2.GaussianBlur(small, (0, 0), 2.0)
     band = np.asarray(cv2.resize(band, (width, height), interpolation=cv2.INTER_LINEAR), np.float32)
     band *= np.float32(1.0 / (float(band.std()) + 1e-6))
-    texture: npt.NDArray[np.float32] = np.clip(1 + 0.45 * band, 0.3, 1.9).astype(np.float32)
+    texture: npt.NDArray[np.float32] = np.clip(1 + 0.3 * band, 0.4, 1.7).astype(np.float32)
     return texture
 
 
@@ -278,7 +280,7 @@ def _expose(
         np.maximum(transmitted, 0.02)
     )
     if rng.random() < 0.5:  # unsharp masking, as CR readers do
-        low = cv2.GaussianBlur(log_image, (0, 0), 10 * scale)
+        low = _smooth(log_image, 10 * scale)
         log_image = log_image + float(rng.uniform(0.3, 1.0)) * (log_image - low)
     lo, hi = np.percentile(log_image[::4, ::4], (0.5, 99.7))
     values = np.clip((log_image - lo) / max(hi - lo, 1e-3), 0, 1)
@@ -303,7 +305,7 @@ def _blobs(anatomy: Anatomy, height: int, width: int) -> npt.NDArray[np.float32]
             cv2.LINE_AA,
         )
         sigma = max(b.ax, b.ay) * 0.15
-        layer += cv2.GaussianBlur(one, (0, 0), sigma) * np.float32(b.density * 0.35)
+        layer += _smooth(one, sigma) * np.float32(b.density * 0.35)
     return layer
 
 
@@ -320,6 +322,19 @@ def _plates(
         one = np.asarray(cv2.GaussianBlur(one, (0, 0), max(rim * 0.5, 0.8)), np.float32)
         layer += one * np.float32(p.density * 0.04) * texture
     return layer
+
+
+def _smooth(image: npt.NDArray[np.float32], sigma: float) -> npt.NDArray[np.float32]:
+    """A wide Gaussian blur, computed at reduced resolution (wide kernels are slow)."""
+    factor = max(int(sigma / 2.0), 1)
+    if factor == 1:
+        return np.asarray(cv2.GaussianBlur(image, (0, 0), sigma), np.float32)
+    height, width = image.shape
+    small = cv2.resize(image, (width // factor, height // factor), interpolation=cv2.INTER_AREA)
+    small = cv2.GaussianBlur(small, (0, 0), sigma / factor)
+    return np.asarray(
+        cv2.resize(small, (width, height), interpolation=cv2.INTER_LINEAR), np.float32
+    )
 
 
 def _gradient(

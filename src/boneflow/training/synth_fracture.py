@@ -57,9 +57,12 @@ def place_fracture(
     bone = bones[index]
     scale = max(height, width) / 512.0
     radius = bone.radius_at(u0)
-    if fracture_type == "buckle":
-        u0 = _metaphysis(rng, bone)
-        radius = bone.radius_at(u0)
+    if fracture_type == "buckle":  # at a metaphysis, if one is in view
+        site = _metaphysis(rng, bones, height, width)
+        if site is not None:
+            index, u0 = site
+            bone = bones[index]
+            radius = bone.radius_at(u0)
     fracture = _build(rng, fracture_type, difficulty, u0, radius, scale)
     return PlacedFracture(index, fracture, _segment(bone, fracture, u0, radius))
 
@@ -132,11 +135,25 @@ def _choose_site(
     return i, u0 + float(rng.uniform(-0.5, 0.5)) * step
 
 
-def _metaphysis(rng: np.random.Generator, bone: Bone) -> float:
-    """Buckle fractures sit where the flare meets the shaft, at the wider end."""
-    length = bone.length
-    from_end = float(rng.uniform(1.0, 1.8)) * bone.flare_len * length
-    return from_end if bone.flare0 > bone.flare1 else length - from_end
+def _metaphysis(
+    rng: np.random.Generator, bones: tuple[Bone, ...], height: int, width: int
+) -> tuple[int, float] | None:
+    """Buckle fractures sit where a flare meets the shaft; pick one in view."""
+    sites: list[tuple[int, float]] = []
+    for i, bone in enumerate(bones):
+        if bone.fracture_weight <= 0:
+            continue
+        for flare, at_start in ((bone.flare0, True), (bone.flare1, False)):
+            if flare < 1.3:
+                continue
+            from_end = float(rng.uniform(1.0, 1.8)) * bone.flare_len * bone.length
+            u0 = from_end if at_start else bone.length - from_end
+            x, y = bone.to_image(u0, 0.0)
+            if 0.1 * width < x < 0.9 * width and 0.1 * height < y < 0.9 * height:
+                sites.append((i, u0))
+    if not sites:
+        return None
+    return sites[int(rng.integers(len(sites)))]
 
 
 def _build(

@@ -1,0 +1,267 @@
+"""The synthetic radiograph generator: determinism, labels, anatomy, fractures, DICOM."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import shutil
+import subprocess
+from collections import defaultdict
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pydicom
+import pytest
+
+from boneflow.cli import main
+from boneflow.errors import BoneflowError
+from boneflow.findings import BODY_PARTS
+from boneflow.training.synth import (
+    LABEL_COLUMNS,
+    SynthSpec,
+    generate_image,
+    render,
+    synth_command,
+    to_display,
+)
+from boneflow.training.synth_dataset import plan_images
+from boneflow.training.synth_fracture import DIFFICULTIES, FRACTURE_TYPES
+
+SIZE = 160
+
+
+def _read_labels(folder: Path) -> list[dict[str, str]]:
+    with (folder / "labels.csv").open(newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _digest(folder: Path) -> dict[str, str]:
+    return {
+        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.fixture(scope="module")
+def png_set(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("png")
+    assert synth_command(out, 40, 7, "png", SIZE, 0.5, None) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def dicom_set(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("dicom")
+    assert synth_command(out, 24, 11, "dicom", SIZE, 0.5, None) == 0
+    return out
+
+
+def test_same_seed_gives_identical_images_and_fields() -> None:
+    a = generate_image(np.random.default_rng(3), "wrist", True, SIZE)
+    b = generate_image(np.random.default_rng(3), "wrist", True, SIZE)
+    c = generate_image(np.random.default_rng(4), "wrist", True, SIZE)
+    assert np.array_equal(a.pixels, b.pixels)
+    assert (a.fracture_segment, a.fracture_type, a.difficulty) == (
+        b.fracture_segment,
+        b.fracture_type,
+        b.difficulty,
+    )
+    assert not np.array_equal(a.pixels, c.pixels) or a.pixels.shape != c.pixels.shape
+
+
+def test_same_seed_gives_identical_files(tmp_path: Path, png_set: Path) -> None:
+    again = tmp_path / "again"
+    assert synth_command(again, 40, 7, "png", SIZE, 0.5, None) == 0
+    assert _digest(again) == _digest(png_set)
+    other = tmp_path / "other"
+    assert synth_command(other, 40, 8, "png", SIZE, 0.5, None) == 0
+    assert _digest(other) != _digest(png_set)
+
+
+@pytest.mark.parametrize("body_part", BODY_PARTS)
+def test_every_class_and_fracture_type_is_drawn(body_part: str) -> None:
+    rng = np.random.default_rng(BODY_PARTS.index(body_part))
+    negative = generate_image(rng, body_part, False, SIZE)
+    assert negative.body_part == body_part
+    assert (negative.fractured, negative.fracture_type, negative.difficulty) == (False, "", "none")
+    assert negative.fracture_segment is None
+    for kind, tier in zip(FRACTURE_TYPES, DIFFICULTIES * 2, strict=True):
+        image = generate_image(rng, body_part, True, SIZE, fracture_type=kind, difficulty=tier)
+        assert (image.fractured, image.fracture_type, image.difficulty) == (True, kind, tier)
+        assert image.fracture_segment is not None
+        assert image.pixels.dtype == np.uint16 and image.pixels.shape[0] == SIZE
+        assert int(image.pixels.max()) <= (1 << image.bits_stored) - 1
+        assert image.photometric in ("MONOCHROME1", "MONOCHROME2")
+        assert image.laterality in (("",) if body_part == "other" else ("L", "R"))
+
+
+def test_fracture_segment_lies_on_bone() -> None:
+    rng = np.random.default_rng(21)
+    checked = 0
+    for body_part in BODY_PARTS:
+        for kind in FRACTURE_TYPES:
+            image, bone = render(rng, body_part, True, 256, fracture_type=kind)
+            assert image.fracture_segment is not None
+            x0, y0, x1, y1 = image.fracture_segment
+            near = cv2.dilate(bone, np.ones((5, 5), np.uint8))
+            t = np.linspace(0, 1, 15)
+            xs = np.clip(np.rint(x0 + t * (x1 - x0)).astype(int), 0, bone.shape[1] - 1)
+            ys = np.clip(np.rint(y0 + t * (y1 - y0)).astype(int), 0, bone.shape[0] - 1)
+            on_bone = near[ys, xs] > 0.05 * float(bone.max())
+            assert on_bone.mean() >= 0.8, (body_part, kind, image.fracture_segment)
+            checked += 1
+    assert checked == len(BODY_PARTS) * len(FRACTURE_TYPES)
+
+
+def test_monochrome1_is_the_inverse_of_monochrome2() -> None:
+    mono1 = generate_image(
+        np.random.default_rng(5), "hand", True, SIZE, spec=SynthSpec(monochrome1_rate=1.0)
+    )
+    mono2 = generate_image(
+        np.random.default_rng(5), "hand", True, SIZE, spec=SynthSpec(monochrome1_rate=0.0)
+    )
+    assert (mono1.photometric, mono2.photometric) == ("MONOCHROME1", "MONOCHROME2")
+    top = (1 << mono1.bits_stored) - 1
+    diff = mono1.pixels.astype(int) - (top - mono2.pixels.astype(int))
+    assert np.abs(diff).max() <= 1
+    assert np.allclose(to_display(mono1), to_display(mono2), atol=2.5 / top + 1e-6)
+
+
+def test_display_shows_bone_bright() -> None:
+    rng = np.random.default_rng(9)
+    for body_part in ("forearm", "lower_leg", "hand"):
+        image, bone = render(rng, body_part, False, 256, spec=SynthSpec(monochrome1_rate=1.0))
+        display = to_display(image)
+        assert display.dtype == np.float32 and display.min() >= 0.0 and display.max() <= 1.0
+        strong = bone > 0.5 * float(bone.max())
+        none = (bone == 0) & (cv2.dilate(bone, np.ones((9, 9), np.uint8)) == 0)
+        assert display[strong].mean() > display[none].mean() + 0.15, body_part
+
+
+def test_labels_csv_columns_and_values(png_set: Path) -> None:
+    rows = _read_labels(png_set)
+    assert len(rows) == 40
+    with (png_set / "labels.csv").open() as fh:
+        assert fh.readline().strip().split(",") == list(LABEL_COLUMNS)
+    for row in rows:
+        assert row["body_part"] in BODY_PARTS
+        assert row["photometric"] in ("MONOCHROME1", "MONOCHROME2")
+        assert row["patient_id"].startswith("SYNTH-")
+        pixels = cv2.imread(str(png_set / row["file"]), cv2.IMREAD_UNCHANGED)
+        assert pixels.dtype == np.uint16 and pixels.shape[0] == SIZE
+        assert int(pixels.max()) < 1 << int(row["bits_stored"])
+        coords = [row[f"fracture_{k}"] for k in ("x0", "y0", "x1", "y1")]
+        if row["fractured"] == "1":
+            assert row["fracture_type"] in FRACTURE_TYPES
+            assert row["difficulty"] in DIFFICULTIES
+            assert all(0 <= float(v) <= max(pixels.shape) for v in coords)
+        else:
+            assert row["fractured"] == "0"
+            assert (row["fracture_type"], row["difficulty"], *coords) == (
+                "",
+                "none",
+                "",
+                "",
+                "",
+                "",
+            )
+    assert {r["fractured"] for r in rows} == {"0", "1"}
+
+
+def test_patients_have_studies_of_one_body_part_and_side() -> None:
+    plan = plan_images(5, 600, 0.5, BODY_PARTS)
+    studies: dict[tuple[int, int], list[object]] = defaultdict(list)
+    per_patient: dict[int, set[int]] = defaultdict(set)
+    for item in plan:
+        studies[(item.patient_number, item.study_number)].append(item)
+        per_patient[item.patient_number].add(item.study_number)
+    assert all(1 <= len(s) <= 3 for s in per_patient.values())
+    assert max(len(s) for s in per_patient.values()) > 1
+    for items in studies.values():
+        assert 1 <= len(items) <= 4
+        assert len({(i.body_part, i.laterality, i.fractured) for i in items}) == 1  # type: ignore[attr-defined]
+    assert not any(i.fractured for i in plan if i.body_part == "other")
+    rate = np.mean([i.fractured for i in plan if i.body_part != "other"])
+    assert 0.35 < rate < 0.65
+
+
+def test_dicom_output_is_readable_and_consistent(dicom_set: Path) -> None:
+    rows = _read_labels(dicom_set)
+    modalities = set()
+    for row in rows:
+        ds = pydicom.dcmread(dicom_set / row["file"])
+        modalities.add(ds.Modality)
+        assert ds.file_meta.TransferSyntaxUID == pydicom.uid.ExplicitVRLittleEndian
+        assert ds.SOPClassUID == (
+            "1.2.840.10008.5.1.4.1.1.1" if ds.Modality == "CR" else "1.2.840.10008.5.1.4.1.1.1.1"
+        )
+        assert str(ds.PatientName).startswith("SYNTH^")
+        assert ds.PatientID == row["patient_id"]
+        assert ds.StudyInstanceUID == row["study_instance_uid"]
+        assert ds.PhotometricInterpretation == row["photometric"]
+        assert ds.BitsStored == int(row["bits_stored"]) and ds.HighBit == ds.BitsStored - 1
+        assert ds.PixelRepresentation == 0
+        assert int(ds.pixel_array.max()) < 1 << ds.BitsStored
+        assert ds.Rows == SIZE
+    uids = [pydicom.dcmread(dicom_set / r["file"]).SOPInstanceUID for r in rows]
+    assert len(set(uids)) == len(uids)
+    assert modalities == {"CR", "DX"}
+
+
+@pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dicom3tools not installed")
+def test_dicom_output_passes_dciodvfy(dicom_set: Path) -> None:
+    files = sorted(dicom_set.rglob("*.dcm"))
+    assert len(files) == 24
+    for path in files:
+        result = subprocess.run(
+            ["dciodvfy", str(path)], capture_output=True, text=True, check=False
+        )
+        errors = [line for line in result.stderr.splitlines() if line.startswith("Error")]
+        assert not errors, (path.name, errors)
+
+
+def test_same_seed_gives_identical_dicom(tmp_path: Path, dicom_set: Path) -> None:
+    assert synth_command(tmp_path, 24, 11, "dicom", SIZE, 0.5, None) == 0
+    assert _digest(tmp_path) == _digest(dicom_set)
+
+
+def test_router_classes_are_learnable_by_a_linear_model() -> None:
+    from sklearn.linear_model import LogisticRegression
+
+    features, labels = [], []
+    for i in range(240):
+        rng = np.random.default_rng([99, i])
+        part = BODY_PARTS[i % len(BODY_PARTS)]
+        image = generate_image(rng, part, bool(i % 3 == 0), 128)
+        display = to_display(image)
+        square = np.zeros((128, 128), np.float32)
+        square[:, : display.shape[1]] = display
+        features.append(cv2.resize(square, (24, 24), interpolation=cv2.INTER_AREA).ravel())
+        labels.append(i % len(BODY_PARTS))
+    x, y = np.asarray(features), np.asarray(labels)
+    model = LogisticRegression(max_iter=500, C=0.1).fit(x[:160], y[:160])
+    accuracy = float((model.predict(x[160:]) == y[160:]).mean())
+    assert accuracy > 0.4  # chance is 0.125
+
+
+def test_bad_arguments_are_clear_errors(tmp_path: Path) -> None:
+    with pytest.raises(BoneflowError, match="--count"):
+        synth_command(tmp_path, 0, 0, "png", SIZE, 0.5, None)
+    with pytest.raises(BoneflowError, match="unknown body part"):
+        synth_command(tmp_path, 3, 0, "png", SIZE, 0.5, ["hand", "knee"])
+    with pytest.raises(BoneflowError, match="--fracture-rate"):
+        synth_command(tmp_path, 3, 0, "png", SIZE, 1.5, None)
+    with pytest.raises(ValueError, match="unknown fracture type"):
+        generate_image(np.random.default_rng(0), "hand", True, SIZE, fracture_type="greenstick")
+    assert not (tmp_path / "labels.csv").exists()
+
+
+def test_cli_writes_a_data_set(tmp_path: Path) -> None:
+    out = tmp_path / "cli"
+    args = ["synth", "--out", str(out), "--count", "5", "--seed", "2", "--size", "96"]
+    assert main([*args, "--parts", "hand,elbow", "--fracture-rate", "1"]) == 0
+    rows = _read_labels(out)
+    assert {r["body_part"] for r in rows} <= {"hand", "elbow"}
+    assert all(r["fractured"] == "1" for r in rows)

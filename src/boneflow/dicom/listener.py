@@ -109,7 +109,8 @@ def start_listener(settings: Settings, audit: Audit, on_stored: OnStored) -> Lis
 
     Args:
         settings: AE title, limits, timeouts, TLS, spool location, LISTENER_PROCESSES.
-        audit: the audit log of this process (children open their own).
+        audit: the audit log of this process; with LISTENER_PROCESSES > 1 it is not
+            used: each child process opens its own from ``settings``.
         on_stored: called once per new instance, after fsync and the STORED audit row,
             on the association's thread. It must be quick; whatever it raises is caught,
             audited and logged, never passed to the peer.

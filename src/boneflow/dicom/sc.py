@@ -13,6 +13,7 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from boneflow import NOT_FOR_DIAGNOSTIC_USE, PRODUCT_NAME, __version__
+from boneflow.dicom.sr import names_copied_as_sent
 from boneflow.findings import Finding, FindingStatus
 
 log = logging.getLogger(__name__)
@@ -62,21 +63,22 @@ def build_secondary_capture(
         raise ValueError("the finding does not belong to the source image")
     rgb = render_overlay(pixels, finding)
     orientation = _orientation(source)
-    sc = hd.sc.SCImage.from_ref_dataset(
-        ref_dataset=source,
-        pixel_array=rgb,
-        photometric_interpretation="RGB",
-        bits_allocated=8,
-        coordinate_system="PATIENT",
-        series_instance_uid=series_instance_uid,
-        series_number=series_number,
-        sop_instance_uid=sop_instance_uid or generate_uid(),
-        instance_number=instance_number,
-        manufacturer=MANUFACTURER,
-        patient_orientation=orientation or ("L", "F"),
-        laterality=finding.laterality if finding.laterality in ("L", "R") else None,
-        transfer_syntax_uid=ExplicitVRLittleEndian,
-    )
+    with names_copied_as_sent():
+        sc = hd.sc.SCImage.from_ref_dataset(
+            ref_dataset=source,
+            pixel_array=rgb,
+            photometric_interpretation="RGB",
+            bits_allocated=8,
+            coordinate_system="PATIENT",
+            series_instance_uid=series_instance_uid,
+            series_number=series_number,
+            sop_instance_uid=sop_instance_uid or generate_uid(),
+            instance_number=instance_number,
+            manufacturer=MANUFACTURER,
+            patient_orientation=orientation or ("L", "F"),
+            laterality=finding.laterality if finding.laterality in ("L", "R") else None,
+            transfer_syntax_uid=ExplicitVRLittleEndian,
+        )
     if orientation is None:  # unknown in the source: say so rather than invent one
         sc["PatientOrientation"].value = ""
     _describe(sc, source, finding, series_description, rgb.shape)

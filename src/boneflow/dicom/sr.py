@@ -7,7 +7,9 @@ The content tree, its codes and the reasons for each choice are listed in
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 
 import highdicom as hd
 import numpy as np
@@ -49,6 +51,18 @@ BODY_PART_CODES: Mapping[str, Code] = {
     "lower_leg": codes.cid4031.LowerLeg,
 }
 LATERALITY_CODES: Mapping[str, Code] = {"L": codes.SCT.Left, "R": codes.SCT.Right}
+
+
+@contextmanager
+def names_copied_as_sent() -> Iterator[None]:
+    """Silence highdicom's warning about one-component person names.
+
+    Names are copied from the source exactly as the PACS sent them ("ward" as a referring
+    physician is common); rewriting them would break matching in the PACS.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*unlikely to represent the intended person")
+        yield
 
 
 def device_uid(ae_title: str = PRODUCT_NAME) -> str:
@@ -103,26 +117,27 @@ def build_structured_report(
             groups.append(_analysed_group(number, source, finding, sc))
         else:
             groups.append(_not_analysed_group(number, source, finding))
-    report = hd.sr.MeasurementReport(
-        observation_context=_observation_context(ae_title),
-        procedure_reported=PROCEDURE_REPORTED,
-        imaging_measurements=groups,
-        title=codes.DCM.ImagingMeasurementReport,
-        referenced_images=[_library_header(ds) for ds in sources],
-    )
-    sr = hd.sr.ComprehensiveSR(
-        evidence=[*sources, *secondary_captures.values()],
-        content=report[0],
-        series_instance_uid=series_instance_uid,
-        series_number=series_number,
-        sop_instance_uid=sop_instance_uid or generate_uid(),
-        instance_number=1,
-        manufacturer=MANUFACTURER,
-        is_complete=True,
-        is_final=False,
-        is_verified=False,
-        previous_versions=[predecessor] if predecessor is not None else None,
-    )
+    with names_copied_as_sent():
+        report = hd.sr.MeasurementReport(
+            observation_context=_observation_context(ae_title),
+            procedure_reported=PROCEDURE_REPORTED,
+            imaging_measurements=groups,
+            title=codes.DCM.ImagingMeasurementReport,
+            referenced_images=[_library_header(ds) for ds in sources],
+        )
+        sr = hd.sr.ComprehensiveSR(
+            evidence=[*sources, *secondary_captures.values()],
+            content=report[0],
+            series_instance_uid=series_instance_uid,
+            series_number=series_number,
+            sop_instance_uid=sop_instance_uid or generate_uid(),
+            instance_number=1,
+            manufacturer=MANUFACTURER,
+            is_complete=True,
+            is_final=False,
+            is_verified=False,
+            previous_versions=[predecessor] if predecessor is not None else None,
+        )
     _describe(sr, series_description)
     log.debug("built SR %s with %d finding groups", sr.SOPInstanceUID, len(groups))
     return sr

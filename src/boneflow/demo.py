@@ -16,6 +16,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -593,6 +594,13 @@ def _write_summary(out_dir: Path, results: Sequence[SampleResult], files: Sequen
 def _echo(ae_title: str, port: int, calling_ae_title: str) -> bool:
     from pynetdicom import AE
     from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+    # pynetdicom leaks the socket of a refused connection: knock with a plain one first.
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=2):
+            pass
+    except OSError:
+        return False
 
     ae = AE(ae_title=calling_ae_title)
     ae.acse_timeout = ae.network_timeout = 5

@@ -103,7 +103,7 @@ def test_serve_round_trip_survives_sigkill_and_stops_cleanly(
         assert sorted(w.split(".")[0] for w in report["workers"]) == ["analysis", "dispatch"]
         assert report["queue_depths"] == {"analysis": 0, "dispatch": 0}
         assert report["jobs"]["succeeded"] == 2 and report["in_flight"] == 0
-        assert report["outbox"]["unsent"] == 0
+        assert report["outbox"]["pending"] == 0 and report["outbox"]["sent"] == 3 + 7
 
         assert node.terminate(timeout_seconds=60) == 0  # SIGTERM: a clean shutdown
     finally:

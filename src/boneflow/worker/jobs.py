@@ -98,8 +98,10 @@ def run_analysis(settings: Settings, audit: Audit, job: JobRecord) -> list[int]:
         for ds, finding in zip(datasets, findings, strict=True):
             if (finding.sop_instance_uid, _models_key(finding.models)) not in recorded:
                 record_result(audit, ds, finding, job.job_id)
-    predecessor = previous_report(audit, job)
-    objects = build_result_objects(datasets, findings, predecessor=predecessor)
+    predecessor = previous_report(settings, audit, job)
+    objects = build_result_objects(
+        datasets, findings, predecessor=predecessor, ae_title=settings.ae_title
+    )
     return list(enqueue_results(settings, audit, objects, job.job_id))
 
 
@@ -146,10 +148,11 @@ def outbox_items_of_job(audit: Audit, job_id: int) -> list[int]:
         ]
 
 
-def previous_report(audit: Audit, job: JobRecord) -> Dataset | None:
-    """The SR of the latest earlier successful job of the same study, if its file exists.
+def previous_report(settings: Settings, audit: Audit, job: JobRecord) -> Dataset | None:
+    """The SR of the latest earlier successful job of the same study, if it is still kept.
 
-    A study that receives late images gets a new job; its SR supersedes this one.
+    A study that receives late images gets a new job; its SR supersedes that one. The SR
+    is read from ``DATA_DIR/results/<study>/`` (the outbox copy is deleted once sent).
     """
     if job.study_instance_uid is None:
         return None
@@ -169,11 +172,24 @@ def previous_report(audit: Audit, job: JobRecord) -> Dataset | None:
         previous = session.scalar(latest)
         if previous is None:
             return None
-        path = session.scalar(
-            select(OutboxItem.path)
+        sr_uid = session.scalar(
+            select(OutboxItem.sop_instance_uid)
             .where(OutboxItem.job_id == previous, OutboxItem.sop_class_uid == COMPREHENSIVE_SR)
             .limit(1)
         )
-    if path is None or not Path(path).is_file():
-        return None
-    return dcmread(path)
+    folder = settings.results_dir / study_folder(job.study_instance_uid)
+    if sr_uid is not None:
+        candidates = [folder / f"SR-{sr_uid}.dcm"]
+    else:  # no destinations: the newest SR kept for the study
+        candidates = sorted(folder.glob("SR-*.dcm"), key=lambda p: p.stat().st_mtime)[::-1]
+    for path in candidates:
+        if path.is_file():
+            return dcmread(path)
+    log.warning("the SR of job %s is no longer kept; the new SR names no predecessor", previous)
+    return None
+
+
+def study_folder(study_instance_uid: str) -> str:
+    """The folder name ``worker.outbox`` keeps a study's result files under."""
+    safe = "".join(c for c in study_instance_uid if c.isdigit() or c == ".").strip(".")
+    return safe or "unknown-study"

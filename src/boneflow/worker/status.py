@@ -13,12 +13,13 @@ from dataclasses import asdict, dataclass, field
 
 from kombu import Connection
 from kombu.exceptions import ChannelError, KombuError
-from sqlalchemy import Exists, exists, func, select
+from sqlalchemy import func, select
 
 from boneflow.config import Settings
-from boneflow.db.audit import Audit, DispatchStatus, JobState
-from boneflow.db.schema import DispatchAttempt, Job, JobStateChange, OutboxItem
+from boneflow.db.audit import Audit, JobState
+from boneflow.db.schema import Job, JobStateChange
 from boneflow.worker.app import QUEUES, broker_description
+from boneflow.worker.outbox import outbox_summary
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +84,7 @@ def collect_status(settings: Settings, audit: Audit, ping: bool = True) -> NodeS
         jobs=jobs,
         in_flight=jobs[str(JobState.RUNNING)] + jobs[str(JobState.RETRYING)],
         failed=failed_jobs(audit),
-        outbox=outbox_counts(audit),
+        outbox=outbox_summary(audit),
     )
 
 
@@ -154,31 +155,6 @@ def failed_jobs(audit: Audit, limit: int = FAILED_SHOWN) -> list[FailedJob]:
             )
             for job_id, kind, study, change in session.execute(query)
         ]
-
-
-def outbox_counts(audit: Audit) -> dict[str, int]:
-    """Outbox items: total, sent, given up and still to send."""
-
-    def with_status(status: DispatchStatus) -> Exists:
-        return exists().where(
-            DispatchAttempt.outbox_item_id == OutboxItem.id, DispatchAttempt.status == str(status)
-        )
-
-    with audit.session() as session:
-        total = session.scalar(select(func.count(OutboxItem.id))) or 0
-        sent = (
-            session.scalar(
-                select(func.count(OutboxItem.id)).where(with_status(DispatchStatus.SENT))
-            )
-            or 0
-        )
-        gave_up = (
-            session.scalar(
-                select(func.count(OutboxItem.id)).where(with_status(DispatchStatus.GAVE_UP))
-            )
-            or 0
-        )
-    return {"total": total, "sent": sent, "gave_up": gave_up, "unsent": total - sent - gave_up}
 
 
 def render(status: NodeStatus) -> str:

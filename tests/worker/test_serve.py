@@ -12,6 +12,7 @@ import sys
 import urllib.request
 from pathlib import Path
 
+import pydicom
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -21,6 +22,7 @@ from boneflow.db.migrate import upgrade
 from boneflow.dicom.receiver import Receiver
 from tests.conftest import free_port, wait_for
 from tests.worker.nodes import (
+    COMPREHENSIVE_SR,
     BoneflowProcess,
     jobs_of,
     make_study,
@@ -83,6 +85,22 @@ def test_serve_round_trip_survives_sigkill_and_stops_cleanly(
         assert received(receiver, str(first[0].StudyInstanceUID)) == (1, 2)
         assert result_rows(audit, uid) == len(second)
 
+        # A late image of the first study: a new job, whose SR supersedes the first SR.
+        first_uid = str(first[0].StudyInstanceUID)
+        (late,) = make_study(1, patient_id=str(first[0].PatientID))
+        late.StudyInstanceUID = first_uid
+        send(serve_settings, [late])
+        wait_for(lambda: received(receiver, first_uid) == (2, 3), "the late image's results", 120)
+        reports = sorted(
+            (r for r in receiver.received()
+             if r.study_instance_uid == first_uid and r.sop_class_uid == COMPREHENSIVE_SR),
+            key=lambda r: r.path.stat().st_mtime,
+        )  # fmt: skip
+        newer = pydicom.dcmread(reports[1].path)
+        (predecessor,) = newer.PredecessorDocumentsSequence
+        referenced = predecessor.ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
+        assert referenced.ReferencedSOPInstanceUID == reports[0].sop_instance_uid
+
         url = f"http://127.0.0.1:{serve_settings.metrics_port}/metrics"
         text = urllib.request.urlopen(url, timeout=10).read().decode()
         samples = {
@@ -90,8 +108,8 @@ def test_serve_round_trip_survives_sigkill_and_stops_cleanly(
             for family in text_string_to_metric_families(text)
             for s in family.samples
         }
-        assert samples[("boneflow_images_received_total", (("status", "stored"),))] == 8
-        assert samples[("boneflow_jobs", (("state", "succeeded"),))] == 2
+        assert samples[("boneflow_images_received_total", (("status", "stored"),))] == 9
+        assert samples[("boneflow_jobs", (("state", "succeeded"),))] == 3
         assert samples[("boneflow_broker_up", ())] == 1
 
         status = subprocess.run(
@@ -102,8 +120,8 @@ def test_serve_round_trip_survives_sigkill_and_stops_cleanly(
         report = json.loads(status.stdout)
         assert sorted(w.split(".")[0] for w in report["workers"]) == ["analysis", "dispatch"]
         assert report["queue_depths"] == {"analysis": 0, "dispatch": 0}
-        assert report["jobs"]["succeeded"] == 2 and report["in_flight"] == 0
-        assert report["outbox"]["pending"] == 0 and report["outbox"]["sent"] == 3 + 7
+        assert report["jobs"]["succeeded"] == 3 and report["in_flight"] == 0
+        assert report["outbox"]["pending"] == 0 and report["outbox"]["sent"] == 3 + 7 + 2
 
         assert node.terminate(timeout_seconds=60) == 0  # SIGTERM: a clean shutdown
     finally:

@@ -195,6 +195,7 @@ def fit(
             on_batch,
             localiser,
         )
+        recalibrate_batchnorm(network, train, device, config.batch_size)
         val_probs = predict(network, val, device, config.batch_size)
         val_loss = float(
             F.nll_loss(
@@ -266,6 +267,35 @@ def predict(
     if not out:
         return np.zeros((0, 1), dtype=np.float32)
     return np.concatenate(out)
+
+
+def recalibrate_batchnorm(
+    network: nn.Module, data: ImageSet, device: torch.device, batch_size: int, limit: int = 2048
+) -> None:
+    """Re-estimate batch-norm statistics on (up to ``limit``) unaugmented training images.
+
+    The running averages lag far behind the weights in short runs, and an evaluation with
+    them can fall to chance even when training went well; an exact average over the
+    training images fixes that and costs one forward pass.
+    """
+    norms = [m for m in network.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms or len(data) < 2:
+        return
+    saved = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average
+    network.train()
+    with torch.no_grad():
+        # spread over the whole set: a data set sorted by class must not skew the averages
+        index = np.arange(len(data))[:: max(1, len(data) // limit)][:limit]
+        for start in range(0, len(index), batch_size):
+            chunk = index[start : start + batch_size]
+            if len(chunk) >= 2:
+                network(_batch(data.images[chunk], device))
+    for m, momentum in zip(norms, saved, strict=True):
+        m.momentum = momentum
+    network.eval()
 
 
 def augment_batch(

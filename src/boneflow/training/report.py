@@ -160,7 +160,8 @@ def _plot_roc(path: Path, evaluation: Evaluation) -> Path:
             ax.plot(fpr, tpr, label=name)
     ax.plot([0, 1], [0, 1], linestyle=":", color="grey")
     ax.set(xlabel="1 - specificity", ylabel="sensitivity", title="ROC (test)")
-    ax.legend(fontsize="small", loc="lower right")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize="small", loc="lower right")
     return _save(fig, path)
 
 
@@ -215,7 +216,8 @@ def _plot_history(path: Path, history: Sequence[Mapping[str, float]]) -> Path:
     left.set(xlabel="epoch", title="loss")
     right.set(xlabel="epoch", title="validation")
     for ax in (left, right):
-        ax.legend(fontsize="small")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize="small")
     if not history:
         left.set_title("loss (no training history: evaluation only)")
     return _save(fig, path)

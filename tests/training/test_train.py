@@ -1,0 +1,212 @@
+"""Training really learns, resumes where it stopped, reports and registers (tiny and fast)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from boneflow.cli import main
+from boneflow.config import Settings
+from boneflow.findings import BODY_PARTS
+from boneflow.models.registry import Registry
+from boneflow.models.transforms import PreprocessParams
+from boneflow.training.demo import DemoPlan, patient_rng
+from boneflow.training.engine import (
+    EPOCH_LOG,
+    FitConfig,
+    ImageSet,
+    augment_batch,
+    build_image_set,
+    fit,
+    predict,
+)
+from boneflow.training.synth import generate_image, to_display
+from boneflow.training.train import TaskData, train_and_register
+
+PARTS = ("hand", "lower_leg", "other")  # three clearly different shapes
+SIZE = 64
+CPU = torch.device("cpu")
+
+
+def _synthetic_set(split: str, count: int) -> ImageSet:
+    """Router data for three parts from held-out synthetic patients (one stream each)."""
+    images, labels = [], []
+    for i in range(count):
+        part = PARTS[i % len(PARTS)]
+        image = generate_image(patient_rng(7, split, i), part, False, 96)
+        images.append(to_display(image))
+        labels.append(PARTS.index(part))
+    params = PreprocessParams(input_size=SIZE)
+    return build_image_set(images, labels, params, [PARTS[y] for y in labels])
+
+
+@pytest.fixture(scope="module")
+def router_data() -> dict[str, ImageSet]:
+    return {
+        "train": _synthetic_set("train", 96),
+        "val": _synthetic_set("val", 30),
+        "test": _synthetic_set("test", 45),
+    }
+
+
+CONFIG = FitConfig(
+    architecture="resnet10",
+    num_classes=len(PARTS),
+    epochs=4,
+    batch_size=16,
+    learning_rate=3e-3,
+    optimizer="adamw",
+    seed=3,
+    monitor="accuracy",
+    schedule="cosine",
+    early_stop_patience=100,
+)
+
+
+def test_tiny_training_run_learns_on_held_out_synthetic_patients(
+    router_data: dict[str, ImageSet], tmp_path: Path
+) -> None:
+    result = fit(CONFIG, router_data["train"], router_data["val"], tmp_path, CPU)
+    losses = [h["train_loss"] for h in result.history]
+    assert losses[-1] < 0.6 * losses[0], losses
+    probs = predict(result.network, router_data["test"], CPU)
+    accuracy = float((probs.argmax(1) == router_data["test"].labels).mean())
+    assert accuracy >= 0.6, f"accuracy {accuracy:.2f} on held-out patients (chance 0.33)"
+    lines = (tmp_path / EPOCH_LOG).read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3, 4]
+
+
+def test_resume_continues_exactly_where_training_stopped(
+    router_data: dict[str, ImageSet], tmp_path: Path
+) -> None:
+    train, val = router_data["train"], router_data["val"]
+    short = replace(CONFIG, epochs=2, schedule="plateau")
+    whole = fit(short, train, val, tmp_path / "whole", CPU)
+    fit(replace(short, epochs=1), train, val, tmp_path / "cut", CPU)
+    resumed = fit(short, train, val, tmp_path / "cut", CPU, resume=True)
+    assert len(resumed.history) == 2
+    for a, b in zip(whole.history, resumed.history, strict=True):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
+        assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-4)
+    lines = (tmp_path / "cut" / EPOCH_LOG).read_text().splitlines()
+    assert len(lines) == 2  # the log continues instead of restarting
+
+
+def test_augmentation_moves_the_fracture_mask_with_the_image() -> None:
+    image = torch.zeros(4, 1, 32, 32)
+    image[:, :, 10:12, 5:25] = 1.0
+    augmented, mask = augment_batch(image, torch.Generator().manual_seed(0), image.clone())
+    assert mask is not None
+    # same geometry: where the (unaltered-intensity) mask is, the image is bright too
+    assert float((augmented * (mask > 0.5)).sum()) > 0
+    assert torch.allclose((mask > 0.5).float().sum(), (augmented > 0.3).float().sum(), rtol=0.5)
+
+
+def test_masks_are_drawn_on_the_input_grid() -> None:
+    image = np.zeros((100, 200), dtype=np.float32)
+    image[40:60, :] = 1.0
+    data = build_image_set(
+        [image], [1], PreprocessParams(input_size=64), ["wrist"], segments=[(20, 50, 180, 50)]
+    )
+    assert data.masks is not None
+    rows, cols = np.nonzero(data.masks[0])
+    assert 28 <= rows.mean() <= 36  # the image is padded vertically: row 50 of 100 -> ~32
+    assert cols.min() < 12 and cols.max() > 52
+
+
+def test_train_and_register_writes_report_and_a_loadable_model(
+    router_data: dict[str, ImageSet], tmp_path: Path
+) -> None:
+    settings = Settings(data_dir=tmp_path)
+    data = TaskData(
+        "router", PARTS, PARTS, router_data["train"], router_data["val"], router_data["test"]
+    )
+    manifest = train_and_register(
+        settings,
+        "router",
+        data,
+        replace(CONFIG, epochs=2),
+        PreprocessParams(input_size=SIZE),
+        "fingerprint-1",
+        {"source": "test"},
+    )
+    assert manifest.model_id == "router@1" and manifest.input_size == SIZE
+    assert 0.3 <= manifest.threshold <= 0.9
+    assert "accuracy" in manifest.metrics and manifest.training["epochs"] == 2
+    loaded = Registry(settings.resolved_model_dir).load("router")
+    assert loaded.manifest.labels == PARTS
+    report = tmp_path / "reports" / "router-1"
+    for name in (
+        "metrics.json",
+        "roc.png",
+        "confusion.png",
+        "calibration.png",
+        "learning_curves.png",
+        "model_card.md",
+    ):
+        assert (report / name).stat().st_size > 0, name
+    assert cv2.imread(str(report / "roc.png")) is not None
+    metrics = json.loads((report / "metrics.json").read_text())
+    assert metrics["metrics"]["n"] == 45 and len(metrics["history"]) == 2
+    assert "Not for diagnostic use" in (report / "model_card.md").read_text()
+
+
+def test_cli_trains_and_evaluates_a_folder_data_set(tmp_path: Path) -> None:
+    """``boneflow train --format folders`` then ``boneflow evaluate`` on the same tree."""
+    root = tmp_path / "data"
+    for split, count in (("train", 24), ("val", 9), ("test", 9)):
+        for i in range(count):
+            part = ("hand", "other")[i % 2]
+            image = generate_image(patient_rng(11, split, i), part, False, 96)
+            path = root / split / part / f"p{i}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            cv2.imwrite(str(path), np.rint(to_display(image) * 255).astype(np.uint8))
+    common = ["--data-dir", str(tmp_path / "node"), "--data", str(root), "--format", "folders"]
+    code = main(
+        [
+            "train",
+            *common,
+            "--task",
+            "router",
+            "--arch",
+            "resnet10",
+            "--image-size",
+            "48",
+            "--epochs",
+            "2",
+            "--batch-size",
+            "8",
+            "--report",
+            str(tmp_path / "rep"),
+        ]
+    )
+    assert code == 0
+    manifest = Registry(tmp_path / "node" / "models").manifest("router")
+    assert manifest.labels == ("hand", "other")
+    assert (tmp_path / "rep" / "router-1" / "model_card.md").is_file()
+    code = main(
+        ["evaluate", "router", *common, "--split", "test", "--report", str(tmp_path / "eval")]
+    )
+    assert code == 0
+    evaluated = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert evaluated["metrics"]["n"] == 9
+
+
+def test_train_without_data_is_a_clear_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["train", "--data-dir", str(tmp_path)]) == 1
+    assert "--data is required" in capsys.readouterr().err
+
+
+def test_demo_plan_fingerprint_names_the_data_not_the_epochs() -> None:
+    plan = DemoPlan()
+    assert plan.fingerprint() == replace(plan, router_epochs=99).fingerprint()
+    assert plan.fingerprint() != replace(plan, seed=1).fingerprint()
+    assert len(BODY_PARTS) == 8

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import cv2
+import numpy as np
 import pydicom
 import pytest
 from pydicom.dataset import Dataset
@@ -124,3 +125,34 @@ def test_findings_without_sources_are_refused() -> None:
     sources, findings = one_study()
     with pytest.raises(ValueError, match="one to one"):
         build_result_objects(sources[:2], findings)
+
+
+def test_unusual_sources_still_give_valid_objects(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    no_orientation = radiograph("RG3_UNCR.dcm")
+    del no_orientation.PatientOrientation
+    with_spacing = radiograph("RG3_UNCR.dcm")  # gets the TID 1603 library descriptors
+    with_spacing.ImagerPixelSpacing = [0.15, 0.15]
+    with_spacing.SOPInstanceUID = pydicom.uid.generate_uid(entropy_srcs=["boneflow", "spacing"])
+    broken_map = analysed_finding(no_orientation)
+    assert broken_map.heatmap is not None
+    broken_map.heatmap[:50, :50] = np.nan  # a bad Grad-CAM pixel must not break the SC
+
+    objects = build_result_objects(
+        [no_orientation, with_spacing], [broken_map, analysed_finding(with_spacing)]
+    )
+    for ds in objects.datasets:
+        data = to_bytes(ds)
+        assert dciodvfy(data, tmp_path)[0] == []
+        strict_read(data, monkeypatch)
+    assert objects.secondary_captures[0].PatientOrientation == ""
+    assert objects.secondary_captures[1].PatientOrientation == with_spacing.PatientOrientation
+    assert no_orientation.Modality == with_spacing.Modality == "CR"  # sources untouched
+
+
+def test_a_study_with_nothing_analysed_gets_an_sr_only() -> None:
+    chest = radiograph("RG1_UNCR.dcm")
+    objects = build_result_objects([chest], [not_analysed_finding(chest)])
+    assert objects.secondary_captures == ()
+    assert objects.datasets == (objects.sr,)

@@ -14,11 +14,13 @@ from boneflow.dicom.pixels import read_pixels
 from boneflow.dicom.results import to_bytes
 from boneflow.dicom.sc import (
     MAX_SIDE_PIXELS,
+    MIN_SIDE_PIXELS,
+    MIN_WIDTH_PIXELS,
     build_secondary_capture,
     legend_lines,
     render_overlay,
 )
-from boneflow.findings import FindingStatus
+from boneflow.findings import BoundingBox, Finding, FindingStatus
 from tests.dicom.results_data import (
     analysed_finding,
     dciodvfy,
@@ -130,3 +132,29 @@ def test_not_analysed_image_gets_no_sc() -> None:
             instance_number=1,
             series_description="x",
         )
+
+
+@pytest.mark.parametrize(("rows", "cols"), [(64, 48), (3000, 500)])
+def test_small_and_narrow_images_keep_aspect_and_a_legible_legend(rows: int, cols: int) -> None:
+    source = radiograph("RG3_UNCR.dcm")
+    finding = analysed_finding(source)
+    assert finding.heatmap is not None and finding.hotspot is not None
+    gradient = np.linspace(0.0, 1.0, rows * cols, dtype=np.float32).reshape(rows, cols)
+    heat = np.zeros((rows, cols), dtype=np.float32)
+    heat[rows // 3 : rows // 2, cols // 3 : cols // 2] = 1.0
+    small = Finding(
+        **{
+            **{name: getattr(finding, name) for name in Finding.__dataclass_fields__},
+            "heatmap": heat,
+            "hotspot": BoundingBox(rows // 3, cols // 3, rows // 2, cols // 2),
+        }
+    )
+    rgb = render_overlay(gradient, small)
+    long_side = min(MAX_SIDE_PIXELS, max(MIN_SIDE_PIXELS, rows, cols))
+    image_rows = round(rows * long_side / max(rows, cols))
+    image_cols = round(cols * long_side / max(rows, cols))
+    assert rgb.shape[1] == max(MIN_WIDTH_PIXELS, image_cols)
+    assert rgb.shape[0] > image_rows
+    left = (rgb.shape[1] - image_cols) // 2
+    assert not rgb[:image_rows, :left].any()  # padding is black, the image is not stretched
+    assert rgb[:image_rows, left : left + image_cols].any()

@@ -19,6 +19,8 @@ from boneflow.findings import Finding, FindingStatus
 log = logging.getLogger(__name__)
 
 MAX_SIDE_PIXELS = 1024  # long side of the rendered radiograph; the legend band adds to it
+MIN_SIDE_PIXELS = 512  # small images are enlarged to this long side, so the legend is legible
+MIN_WIDTH_PIXELS = 512  # a narrow radiograph is centred on black, never stretched
 MANUFACTURER = "boneflow project"
 _FONT = cv2.FONT_HERSHEY_SIMPLEX
 _LOW_HEAT = 0.2  # heat below this is left transparent, so the bone stays readable
@@ -91,19 +93,23 @@ def render_overlay(
 ) -> npt.NDArray[np.uint8]:
     """Blend the heat map over the radiograph and add the legend band below it.
 
-    The radiograph keeps its aspect ratio, its long side is capped at ``max_side`` and no
-    text covers it: product, version, body part, probability, decision and the
-    not-for-diagnostic-use notice go into a band underneath, with the colour scale.
+    The radiograph keeps its aspect ratio, its long side is capped at ``max_side`` (and
+    raised to ``MIN_SIDE_PIXELS`` for small images), a narrow one is centred on black so
+    the legend fits, and no text covers it: product, version, body part, probability,
+    decision and the not-for-diagnostic-use notice go into a band underneath, with the
+    colour scale.
 
     Returns:
         An RGB ``uint8`` array (rows, columns, 3).
     """
     gray = _to_unit(pixels)
     rows, cols = gray.shape
-    scale = min(1.0, max_side / max(rows, cols))
+    long_side = max(rows, cols)
+    scale = min(max_side, max(long_side, MIN_SIDE_PIXELS)) / long_side
     size = (max(1, round(cols * scale)), max(1, round(rows * scale)))  # cv2: (width, height)
-    if scale < 1.0:
-        gray = np.asarray(cv2.resize(gray, size, interpolation=cv2.INTER_AREA), np.float32)
+    if scale != 1.0:
+        shrink = cv2.INTER_AREA if scale < 1.0 else cv2.INTER_LINEAR
+        gray = np.asarray(cv2.resize(gray, size, interpolation=shrink), np.float32)
     base = np.repeat((gray * 255.0 + 0.5).astype(np.uint8)[:, :, None], 3, axis=2)
     image: npt.NDArray[np.float32] = base.astype(np.float32)
     if finding.heatmap is not None:
@@ -119,7 +125,12 @@ def render_overlay(
         bottom_right = (int(box.col_max * scale) - 1, int(box.row_max * scale) - 1)
         thickness = max(1, size[0] // 400)
         cv2.rectangle(picture, top_left, bottom_right, _YELLOW, thickness, cv2.LINE_AA)
-    return np.ascontiguousarray(np.vstack([picture, _legend_band(finding, size[0])]))
+    if size[0] < MIN_WIDTH_PIXELS:
+        left = (MIN_WIDTH_PIXELS - size[0]) // 2
+        padding = ((0, 0), (left, MIN_WIDTH_PIXELS - size[0] - left), (0, 0))
+        picture = np.pad(picture, padding)
+    width = picture.shape[1]
+    return np.ascontiguousarray(np.vstack([picture, _legend_band(finding, width)]))
 
 
 def legend_lines(finding: Finding) -> list[str]:

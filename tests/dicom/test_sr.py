@@ -14,7 +14,7 @@ from pydicom.uid import generate_uid
 
 from boneflow import __version__
 from boneflow.dicom.pixels import read_pixels
-from boneflow.dicom.results import to_bytes
+from boneflow.dicom.results import build_result_objects, to_bytes
 from boneflow.dicom.sc import build_secondary_capture
 from boneflow.dicom.sr import (
     BODY_PART_CODES,
@@ -25,7 +25,7 @@ from boneflow.dicom.sr import (
     build_structured_report,
     device_uid,
 )
-from boneflow.findings import Finding
+from boneflow.findings import BoundingBox, Finding
 from tests.dicom.results_data import (
     ROUTER,
     WRIST_MODEL,
@@ -236,3 +236,37 @@ def _flatten(item: Dataset) -> list[tuple[str, str]]:
 
 def _fields(finding: Finding) -> dict[str, object]:
     return {name: getattr(finding, name) for name in Finding.__dataclass_fields__}
+
+
+def test_hot_spot_outside_the_image_falls_back_to_the_whole_image() -> None:
+    wrist = radiograph("RG3_UNCR.dcm")
+    finding = analysed_finding(wrist)
+    outside = Finding(**{**_fields(finding), "hotspot": BoundingBox(5000, 5000, 6000, 6000)})
+    sr = build_structured_report(
+        [wrist],
+        [outside],
+        {},
+        series_instance_uid=generate_uid(),
+        series_number=9901,
+        series_description="boneflow test",
+    )
+    (roi,) = hd.sr.srread(io.BytesIO(to_bytes(sr))).content.get_planar_roi_measurement_groups()
+    assert roi.roi.value.min(axis=0).tolist() == [0, 0]
+    assert roi.roi.value.max(axis=0).tolist() == [int(wrist.Columns), int(wrist.Rows)]
+
+
+def test_names_in_any_character_set_are_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source = radiograph("RG3_UNCR.dcm")
+    source.SpecificCharacterSet = "ISO_IR 100"
+    source.PatientName = "Müller^Renée"
+    source.ReferringPhysicianName = "Ørsted^Hans"
+    objects = build_result_objects([source], [analysed_finding(source)])
+    for ds in objects.datasets:
+        data = to_bytes(ds)
+        assert dciodvfy(data, tmp_path)[0] == []
+        back = strict_read(data, monkeypatch)
+        assert back.SpecificCharacterSet == "ISO_IR 192"
+        assert str(back.PatientName) == "Müller^Renée"
+        assert str(back.ReferringPhysicianName) == "Ørsted^Hans"

@@ -263,12 +263,19 @@ def _not_analysed_group(
 def _region(source: Dataset, finding: Finding) -> hd.sr.ImageRegion:
     """The Grad-CAM hot spot, or the whole analysed image, as a closed POLYLINE."""
     rows, cols = int(source.Rows), int(source.Columns)
+    top, left, bottom, right = 0, 0, rows, cols
     box = finding.hotspot
-    if box is None:
-        top, left, bottom, right = 0, 0, rows, cols
-    else:  # end-exclusive pixel indices are pixel-edge coordinates (PS3.3 C.18.6.1.1)
-        top, left = max(0, box.row_min), max(0, box.col_min)
-        bottom, right = min(rows, box.row_max), min(cols, box.col_max)
+    if box is not None:  # end-exclusive pixel indices are pixel-edge coordinates (C.18.6.1.1)
+        clipped = (
+            max(0, box.row_min),
+            max(0, box.col_min),
+            min(rows, box.row_max),
+            min(cols, box.col_max),
+        )
+        if clipped[2] > clipped[0] and clipped[3] > clipped[1]:  # else: no area, whole image
+            top, left, bottom, right = clipped
+        else:
+            log.warning("%s: hot spot %s lies outside the image", finding.sop_instance_uid, box)
     corners = [(left, top), (right, top), (right, bottom), (left, bottom), (left, top)]
     return hd.sr.ImageRegion(
         graphic_type=hd.sr.GraphicTypeValues.POLYLINE,

@@ -96,12 +96,14 @@ def run_demo(settings: Settings, out_dir: Path, keep_open: bool = False) -> int:
         out_dir: where samples, node state, results and heat-map PNGs are written.
         keep_open: keep Orthanc and the node running until Ctrl-C, to browse the results.
     """
-    console = Console(stderr=True)
+    console = Console(stderr=True, soft_wrap=True, highlight=False)
     out_dir = out_dir.resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "node.log").unlink(missing_ok=True)
     console.rule(f"boneflow {__version__} demo — not for diagnostic use")
     model_dir = ensure_demo_models(settings, console)
-    samples = make_samples(_fresh(out_dir / "samples"))
+    with _quiet(["boneflow.training"]):
+        samples = make_samples(_fresh(out_dir / "samples"))
     console.print(f"{len(samples)} sample radiographs in {out_dir / 'samples'}")
     node = replace(
         settings,
@@ -141,7 +143,7 @@ def run_demo(settings: Settings, out_dir: Path, keep_open: bool = False) -> int:
         _send_samples(node, samples, orthanc, console)
         results = wait_for_results(node, samples, console, node_process=process)
         files = collect_result_files(results, orthanc, received_dir, out_dir / "results")
-        print_findings(results, Console())
+        print_findings(results, Console(width=None if sys.stdout.isatty() else 160))
         _write_summary(out_dir, results, files)
         console.print(f"Result files and heat-map PNGs: {out_dir / 'results'}")
         if orthanc is not None:
@@ -244,9 +246,9 @@ class NodeProcess:
         return self.process.poll() is None
 
     def stop(self, timeout_seconds: float = 30.0) -> int | None:
-        """SIGTERM the node's process group, SIGKILL what is left after the timeout."""
+        """SIGTERM the node, then SIGKILL whatever is left of its process group."""
         if self.process.poll() is None:
-            _signal_group(self.process.pid, signal.SIGTERM)
+            self.process.send_signal(signal.SIGTERM)  # serve stops its own workers
             try:
                 self.process.wait(timeout_seconds)
             except subprocess.TimeoutExpired:

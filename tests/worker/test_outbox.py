@@ -3,6 +3,7 @@ refuses; files that vanish. Every attempt lands in the audit log."""
 
 from __future__ import annotations
 
+import fcntl
 import random
 import threading
 from collections.abc import Iterator
@@ -110,7 +111,8 @@ def test_down_then_up_delivers_each_object_exactly_once(
     summary = outbox_summary(db)
     assert (summary["items"], summary["sent"], summary["pending"]) == (2, 2, 0)
     # The outbox copy is gone once sent; the results copy stays for people.
-    assert not list((settings.outbox_dir).rglob("*.dcm"))
+    assert not list(settings.outbox_dir.rglob("*.dcm"))
+    assert not list(settings.outbox_dir.rglob("*.lock"))  # final items keep no lock file
     assert len(list(settings.results_dir.rglob("*.dcm"))) == 2
     assert len(list(settings.results_dir.rglob("*.png"))) == 1
     assert db.verify() == []
@@ -219,3 +221,22 @@ def test_back_off_grows_exponentially_with_jitter_and_a_ceiling() -> None:
     assert delays[4] > delays[0] * 4
     jittered = {next_delay_seconds(3, rng=rng) for _ in range(20)}
     assert len(jittered) > 1  # not the same delay for every item
+
+
+def test_a_second_delivery_of_an_item_in_flight_waits(
+    objects: ResultObjects, tmp_path: Path
+) -> None:
+    settings = node_settings(tmp_path, "", f"DEST@127.0.0.1:{free_port()}")
+    upgrade(settings.resolved_database_url)
+    audit = Audit.open(settings.resolved_database_url)
+    try:
+        item_id = enqueue_results(settings, audit, objects, job_id=None)[0]
+        lock_file = settings.outbox_dir / ".locks" / f"item-{item_id}.lock"
+        lock_file.parent.mkdir(parents=True, exist_ok=True)
+        with lock_file.open("w") as held:  # another process is sending this item right now
+            fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+            with pytest.raises(DestinationUnavailable, match="being sent elsewhere"):
+                deliver(settings, audit, item_id)
+            assert attempts(audit) == 0  # no attempt was made, so none is audited
+    finally:
+        audit.close()

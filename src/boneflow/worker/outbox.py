@@ -8,9 +8,13 @@ every item that points at them is final; a copy of every result stays in
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
 import random
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -110,7 +114,16 @@ def deliver(settings: Settings, audit: Audit, outbox_item_id: int) -> DispatchSt
         LookupError: there is no such outbox item.
     """
     item = _load_item(audit, outbox_item_id)
-    final = _final_status(audit, outbox_item_id)
+    with _item_lock(settings, outbox_item_id) as held:
+        if not held:  # a redelivered message while the first is still sending
+            raise DestinationUnavailable(f"outbox item {outbox_item_id} is being sent elsewhere")
+        return _attempt(settings, audit, item)
+
+
+def _attempt(settings: Settings, audit: Audit, item: OutboxItem) -> DispatchStatus:
+    """One attempt, under the item's lock."""
+    outbox_item_id = item.id
+    final = _final_status(audit, outbox_item_id)  # read under the lock
     if final is not None:
         log.info("outbox item %s is already %s", outbox_item_id, final)
         return final
@@ -337,3 +350,32 @@ def _age_seconds(moment: datetime) -> float:
 
 def _elapsed_ms(started: float) -> float:
     return (time.monotonic() - started) * 1000.0
+
+
+@contextmanager
+def _item_lock(settings: Settings, outbox_item_id: int) -> Iterator[bool]:
+    """An ``flock`` on the item, so that two deliveries never send it at the same time.
+
+    Like the job locks it vanishes with its process, so a killed sender leaves none held.
+    The file is removed once the item is final; until then it stays, so that every
+    process locks the same file.
+    """
+    folder = settings.outbox_dir / ".locks"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"item-{outbox_item_id}.lock"
+    descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+            # A normal return means the item is final: a late process that still opens
+            # this file reads the final status under its lock and does nothing.
+            path.unlink(missing_ok=True)
+        finally:
+            fcntl.flock(descriptor, fcntl.LOCK_UN)
+    finally:
+        os.close(descriptor)

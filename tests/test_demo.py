@@ -21,11 +21,11 @@ from boneflow.demo import (
     Sample,
     _fresh,
     _progress,
-    node_environment,
     print_findings,
     wait_for_results,
     write_png,
 )
+from boneflow.local_node import node_environment
 
 
 def _sample(label: str, study: str | None = None) -> Sample:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from boneflow.config import CallerRule, Destination, Settings
-from boneflow.demo import NodeProcess, start_node
+from boneflow.local_node import NodeProcess, start_node
 from boneflow.orthanc import Orthanc, free_port, orthanc_executable
 from tests.model_fixtures import make_test_models
 

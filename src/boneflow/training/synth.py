@@ -276,9 +276,10 @@ def _expose(
     k = float(rng.uniform(0.006, 0.03))
     noise = rng.standard_normal((height, width), dtype=np.float32)
     noise = cv2.GaussianBlur(noise, (0, 0), 0.6 * scale) * np.float32(1.6)
-    log_image = -np.log(np.maximum(transmitted, 1e-4)) + k * noise / np.sqrt(
-        np.maximum(transmitted, 0.02)
-    )
+    log_image = (
+        -np.log(np.maximum(transmitted, 1e-4))
+        + np.float32(k) * noise / np.sqrt(np.maximum(transmitted, 0.02))
+    ).astype(np.float32)
     if rng.random() < 0.5:  # unsharp masking, as CR readers do
         low = _smooth(log_image, 10 * scale)
         log_image = log_image + float(rng.uniform(0.3, 1.0)) * (log_image - low)

@@ -7,7 +7,12 @@ from pathlib import Path
 
 from kombu import Connection, Exchange, Queue
 
-from boneflow.worker.embedded import queue_depth, restore_claimed, transport_options
+from boneflow.worker.embedded import (
+    clear_control_state,
+    queue_depth,
+    restore_claimed,
+    transport_options,
+)
 
 TRANSPORT = "boneflow.worker.embedded:Transport"
 
@@ -80,3 +85,13 @@ def test_half_written_messages_are_invisible(tmp_path: Path) -> None:
     (queue_folder / ".000000000000001_x.analysis.msg.tmp").write_bytes(b'{"trunc')
     assert queue_depth(tmp_path, "analysis") == 1
     assert _drain(tmp_path) == [1]
+
+
+def test_control_messages_of_gone_workers_are_dropped_at_start(tmp_path: Path) -> None:
+    _publish(tmp_path, [1, 2])
+    root = tmp_path / "broker"
+    (root / "queue" / "00000000000000000001_x.w1@host.celery.pidbox.msg").write_text("{}")
+    (root / "control" / "celery.pidbox.exchange").write_text("[]")
+    assert clear_control_state(tmp_path, ("analysis", "dispatch")) == 1
+    assert sorted(p.name for p in (root / "control").iterdir()) == ["boneflow.exchange"]
+    assert _drain(tmp_path) == [1, 2]

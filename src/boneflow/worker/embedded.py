@@ -145,3 +145,27 @@ def restore_claimed(data_dir: Path) -> int:
             os.replace(path, queue / name)
             restored += 1
     return restored
+
+
+def clear_control_state(data_dir: Path, queues: tuple[str, ...]) -> int:
+    """Drop remote-control and event messages and bindings left by workers that are gone.
+
+    Worker names change with every start, and kombu keeps binding their ping and event
+    queues, so broadcast messages for dead workers would pile up in the queue folder.
+    Call only when no consumer runs (at the start of ``serve``); the workers declare what
+    they need again. Messages of ``queues`` are kept.
+
+    Returns:
+        How many messages were dropped.
+    """
+    root = data_dir / BROKER_FOLDER
+    keep = {f"{queue}.msg" for queue in queues}
+    dropped = 0
+    for path in (root / "queue").glob("*.msg"):
+        if path.name.partition(".")[2] not in keep:
+            path.unlink(missing_ok=True)
+            dropped += 1
+    for table in (root / "control").glob("*.exchange"):
+        if table.name != "boneflow.exchange":
+            table.unlink(missing_ok=True)
+    return dropped

@@ -84,11 +84,12 @@ def serve(settings: Settings) -> int:
     """Run listener and workers on one machine until SIGTERM or SIGINT."""
     prepare(settings)
     if not settings.broker_url:
-        from boneflow.worker.embedded import restore_claimed
+        from boneflow.worker.embedded import clear_control_state, restore_claimed
 
         restored = restore_claimed(settings.data_dir)
         if restored:
             log.info("embedded broker: %d claimed messages put back", restored)
+        clear_control_state(settings.data_dir, QUEUES)
     stop = _stop_on_signals()
     context = multiprocessing.get_context("spawn")
     children: dict[str, BaseProcess] = {}

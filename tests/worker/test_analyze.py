@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
@@ -70,17 +71,27 @@ def local(settings: Settings, model_dir: Path) -> Settings:
     return dataclasses.replace(settings, model_dir=model_dir, device="cpu")
 
 
-def test_table_output_and_heatmap_pngs(
+def test_table_output_and_result_files(
     local: Settings, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "out"
-    code = analyze_files(local, [_path("RG3_UNCR.dcm"), _path("RG1_UNCR.dcm")], out, False)
-    assert code == 0
+    leg, chest = _path("RG3_UNCR.dcm"), _path("RG1_UNCR.dcm")
+    assert analyze_files(local, [leg, chest], out, False) == 0
     printed = capsys.readouterr()
     assert "lower_leg" in printed.out
     assert "not analysed" in printed.out
-    assert (out / "RG3_UNCR.heatmap.png").is_file()
-    assert not (out / "RG1_UNCR.heatmap.png").exists()  # not analysed: no heat map
+    for source in (leg, chest):
+        study = str(pydicom.dcmread(source, stop_before_pixels=True).StudyInstanceUID)
+        files = sorted(p.name for p in (out / study).iterdir())
+        kinds = sorted(name.split("-")[0] + name[name.rindex(".") :] for name in files)
+        if source == leg:  # analysed: SR + one SC (and its PNG)
+            assert kinds == ["SC.dcm", "SC.png", "SR.dcm"]
+        else:  # not analysed: the SR says so, no SC
+            assert kinds == ["SR.dcm"]
+        for name in files:
+            if name.endswith(".dcm"):
+                written = pydicom.dcmread(out / study / name)
+                assert str(written.StudyInstanceUID) == study
 
 
 def test_folders_are_searched_and_bad_files_reported(

@@ -2,15 +2,14 @@
 
 Files and folders (searched recursively) are read, grouped by study, analysed in batches
 with the registered models and printed as a table or as JSON (one object per file). With
-``--out``, a PNG of each heat map is written, and the SR and Secondary Captures when the
-results builder (``boneflow.dicom.results``) is available. Nothing is written to the audit
-log: this is a local tool. Exit status 0 when every file was read, 1 when some could not
-be, 2 when there are no models.
+``--out DIR``, each study's SR, its Secondary Captures and a PNG of each SC are written
+under ``DIR/<StudyInstanceUID>/`` (``boneflow.dicom.results``). Nothing is written to the
+audit log: this is a local tool. Exit status 0 when every file was read (and written),
+1 when some could not be, 2 when there are no models.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import sys
@@ -18,13 +17,12 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import numpy.typing as npt
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
 from boneflow.config import Settings
+from boneflow.dicom.results import build_result_objects, write_heatmap_pngs, write_result_files
 from boneflow.errors import BoneflowError, ModelNotFound
 from boneflow.findings import Finding, FindingStatus
 from boneflow.worker.pipeline import UNDECODABLE, analyse_datasets
@@ -49,25 +47,23 @@ def analyze_files(
     by_study: dict[str, list[tuple[Path, Dataset]]] = {}
     for path, ds in loaded:
         by_study.setdefault(str(ds.get("StudyInstanceUID", "")), []).append((path, ds))
-    writer = _Writer(out_dir) if out_dir is not None else None
+    written_ok = True
     try:
         for study, members in by_study.items():
+            findings: list[Finding] = []
             for start in range(0, len(members), BATCH):
-                chunk = members[start : start + BATCH]
-                findings = analyse_datasets(settings, None, [ds for _, ds in chunk])
-                for (path, ds), finding in zip(chunk, findings, strict=True):
-                    records.append(_record(path, ds, finding))
-                    if writer is not None:
-                        writer.heatmap(path, ds, finding)
-                if writer is not None:
-                    writer.results(study, [ds for _, ds in chunk], findings)
+                chunk = [ds for _, ds in members[start : start + BATCH]]
+                findings.extend(analyse_datasets(settings, None, chunk))
+            for (path, ds), finding in zip(members, findings, strict=True):
+                records.append(_record(path, ds, finding))
+            if out_dir is not None:
+                written_ok &= _write_results(out_dir, study, [ds for _, ds in members], findings)
     except ModelNotFound as exc:
         print(f"boneflow: {exc} (train some with: boneflow train --demo)", file=sys.stderr)
         return 2
     _print(records, as_json)
-    if writer is not None and writer.note:
-        print(writer.note, file=sys.stderr)
-    return 1 if any(r["status"] == "failed" for r in records) else 0
+    failed = any(r["status"] == "failed" for r in records)
+    return 1 if failed or not written_ok else 0
 
 
 # --- helpers -----------------------------------------------------------------------------------
@@ -163,57 +159,19 @@ def _print(records: list[dict[str, Any]], as_json: bool) -> None:
     Console().print(table)
 
 
-class _Writer:
-    """What ``--out`` writes: heat-map PNGs, and SR + SC files when the builder exists."""
-
-    def __init__(self, out_dir: Path) -> None:
-        self.out_dir = out_dir
-        out_dir.mkdir(parents=True, exist_ok=True)
-        self.note = ""
-        try:
-            self._results: Any = importlib.import_module("boneflow.dicom.results")
-        except ImportError:
-            self._results = None
-            self.note = "boneflow: SR/SC output is not available yet; wrote heat-map PNGs only"
-
-    def heatmap(self, path: Path, ds: Dataset, finding: Finding) -> None:
-        if finding.heatmap is None:
-            return
-        import cv2
-
-        from boneflow.dicom.pixels import read_pixels
-
-        overlay = _overlay(read_pixels(ds), finding.heatmap)
-        target = self.out_dir / f"{path.stem}.heatmap.png"
-        if not cv2.imwrite(str(target), overlay):
-            log.error("could not write %s", target)
-
-    def results(self, study: str, datasets: list[Dataset], findings: list[Finding]) -> None:
-        if self._results is None:
-            return
-        try:
-            objects = self._results.build_result_objects(datasets, findings, predecessor=None)
-        except (BoneflowError, ValueError, TypeError, AttributeError) as exc:
-            print(f"boneflow: could not build the SR/SC for study {study}: {exc}", file=sys.stderr)
-            return
-        folder = self.out_dir / (study or "unknown-study")
-        folder.mkdir(parents=True, exist_ok=True)
-        for obj in [objects.sr, *objects.secondary_captures]:
-            obj.save_as(folder / f"{obj.SOPInstanceUID}.dcm", enforce_file_format=True)
-
-
-def _overlay(pixels: npt.NDArray[np.float32], heatmap: npt.NDArray[np.float32]) -> Any:
-    """Grey radiograph with the heat map in colour, at most 1024 px on the long side."""
-    import cv2
-
-    scale = min(1.0, 1024 / max(pixels.shape))
-    size = (max(1, round(pixels.shape[1] * scale)), max(1, round(pixels.shape[0] * scale)))
-    grey = cv2.resize((np.clip(pixels, 0, 1) * 255).astype(np.uint8), size)
-    heat = cv2.resize((np.clip(heatmap, 0, 1) * 255).astype(np.uint8), size)
-    colour = cv2.applyColorMap(heat, cv2.COLORMAP_JET)
-    base = cv2.cvtColor(grey, cv2.COLOR_GRAY2BGR)
-    alpha = (heat.astype(np.float32) / 255.0 * 0.5)[..., None]
-    return (base * (1 - alpha) + colour * alpha).astype(np.uint8)
+def _write_results(
+    out_dir: Path, study: str, datasets: list[Dataset], findings: list[Finding]
+) -> bool:
+    """The study's SR, SCs and SC PNGs under ``out_dir/<study>/``; False on failure."""
+    folder = out_dir / (study or "unknown-study")
+    try:
+        objects = build_result_objects(datasets, findings)
+        written = write_result_files(objects, folder) + write_heatmap_pngs(objects, folder)
+    except (BoneflowError, ValueError, OSError) as exc:
+        print(f"boneflow: could not write the results of study {study}: {exc}", file=sys.stderr)
+        return False
+    log.info("wrote %d result files for study %s into %s", len(written), study, folder)
+    return True
 
 
 __all__ = ["analyze_files"]

@@ -210,3 +210,33 @@ def test_demo_plan_fingerprint_names_the_data_not_the_epochs() -> None:
     assert plan.fingerprint() == replace(plan, router_epochs=99).fingerprint()
     assert plan.fingerprint() != replace(plan, seed=1).fingerprint()
     assert len(BODY_PARTS) == 8
+
+
+def test_train_demo_models_registers_a_router_and_a_fracture_model(tmp_path: Path) -> None:
+    """The function ``boneflow demo`` calls, on a tiny plan (the real one takes minutes)."""
+    plan = DemoPlan(
+        images=(48, 16, 32),
+        source_size=96,
+        router_size=48,
+        fracture_size=64,
+        router_epochs=1,
+        fracture_epochs=1,
+        batch_size=16,
+    )
+    from boneflow.training.demo import demo_test_set, train_demo_models
+
+    settings = Settings(data_dir=tmp_path)
+    router, fracture = train_demo_models(settings, progress=False, plan=plan)
+    assert (router.task, router.labels) == ("router", BODY_PARTS)
+    assert fracture.task == "fracture" and "other" not in fracture.body_parts
+    assert set(fracture.body_parts) == set(BODY_PARTS) - {"other"}
+    assert fracture.training["localisation_weight"] == 1.0
+    registry = Registry(settings.resolved_model_dir)
+    assert registry.router().model_id == "router@1"
+    covering = registry.fracture_model_for("wrist")
+    assert covering is not None and covering.model_id == fracture.model_id
+    assert registry.fracture_model_for("other") is None
+    # the held-out test set is rebuilt from the manifest alone (for boneflow evaluate)
+    test = demo_test_set(fracture, PreprocessParams(input_size=64))
+    assert len(test) == fracture.training["images"]["test"]
+    assert set(test.difficulties) <= {"none", "easy", "moderate", "hard"}

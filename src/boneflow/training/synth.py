@@ -19,7 +19,7 @@ import numpy as np
 import numpy.typing as npt
 
 from boneflow.findings import BODY_PARTS
-from boneflow.training.synth_anatomy import Anatomy, build_anatomy, place
+from boneflow.training.synth_anatomy import FRACTURE_BONES, Anatomy, build_anatomy, place
 from boneflow.training.synth_fracture import (
     DIFFICULTIES,
     FRACTURE_TYPES,
@@ -201,7 +201,8 @@ def render(
         drawn_tier = str(DIFFICULTIES[int(rng.choice(3, p=weights))])
         kind = fracture_type or drawn_kind
         tier = difficulty or drawn_tier
-        placed = place_fracture(rng, anatomy.bones, height, width, kind, tier)
+        allowed = FRACTURE_BONES[body_part]
+        placed = place_fracture(rng, anatomy.bones, height, width, kind, tier, allowed)
         if placed is None:  # pragma: no cover - every view shows a fracturable bone
             raise ValueError(f"no visible bone to fracture in this {body_part} view")
     bone_map, values = _expose(rng, anatomy, height, width, young, placed)

@@ -67,6 +67,20 @@ class Anatomy:
     px_per_unit: float = 1.0
 
 
+# Which bones a fracture of each class may be drawn on (name prefixes): the bones the film
+# is taken for, not whatever else happens to be in the field (ribs on an elbow film).
+FRACTURE_BONES: dict[str, tuple[str, ...]] = {
+    "hand": ("finger", "thumb"),
+    "wrist": ("radius", "ulna", "scaphoid", "finger2_0", "finger3_0", "finger4_0", "thumb_0"),
+    "forearm": ("radius", "ulna"),
+    "elbow": ("humerus", "radius", "ulna"),
+    "humerus": ("humerus",),
+    "shoulder": ("humerus", "clavicle"),
+    "lower_leg": ("tibia", "fibula"),
+    "other": ("rib", "clavicle", "femoral_neck", "pubic_ramus", "femur"),
+}
+
+
 def build_anatomy(
     rng: np.random.Generator, body_part: str, view: str, young: bool, variant: str
 ) -> Anatomy:

@@ -7,6 +7,7 @@ far the fragments moved; "hard" is a thin, faint, incomplete line with no displa
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -25,10 +26,12 @@ FRACTURE_TYPES: tuple[str, ...] = (
 DIFFICULTIES: tuple[str, ...] = ("easy", "moderate", "hard")
 
 # Per tier: (gap px at 512, depth, share of the width crossed, displacement / radius).
+# Sized so that easy and moderate lines survive down-sampling to 224 px and hard ones
+# are at the edge of it.
 _TIERS: dict[str, tuple[tuple[float, float], tuple[float, float], tuple[float, float], float]] = {
-    "easy": ((1.6, 2.6), (0.8, 1.0), (1.0, 1.0), 1.0),
-    "moderate": ((1.0, 1.6), (0.6, 0.85), (0.8, 1.0), 0.35),
-    "hard": ((0.6, 0.95), (0.35, 0.55), (0.5, 0.85), 0.0),
+    "easy": ((3.0, 5.0), (0.9, 1.0), (1.0, 1.0), 1.0),
+    "moderate": ((1.8, 3.0), (0.7, 0.9), (0.8, 1.0), 0.4),
+    "hard": ((1.0, 1.6), (0.4, 0.6), (0.5, 0.85), 0.0),
 }
 
 
@@ -48,8 +51,16 @@ def place_fracture(
     width: int,
     fracture_type: str,
     difficulty: str,
+    allowed: tuple[str, ...] = ("",),
 ) -> PlacedFracture | None:
-    """Choose a visible bone and position, and build the fracture; None if none is visible."""
+    """Choose a visible bone and position, and build the fracture; None if none is visible.
+
+    ``allowed`` are name prefixes of the bones that may break (all by default).
+    """
+    bones = tuple(
+        b if b.name.startswith(allowed) else dataclasses.replace(b, fracture_weight=0.0)
+        for b in bones
+    )
     choice = _choose_site(rng, bones, height, width)
     if choice is None:
         return None
@@ -84,7 +95,7 @@ def distractors(
             Lucency(
                 u0,
                 slope,
-                float(rng.uniform(0.5, 0.9)) * scale,
+                float(rng.uniform(0.8, 1.4)) * scale,
                 float(rng.uniform(0.35, 0.7)),
                 d_lo,
                 d_hi,
@@ -101,7 +112,7 @@ def distractors(
                 Lucency(
                     u0,
                     float(rng.normal(0, 0.08)),
-                    float(rng.uniform(0.9, 1.6)) * scale,
+                    float(rng.uniform(1.2, 2.0)) * scale,
                     float(rng.uniform(0.5, 0.8)),
                     -radius,
                     radius,
@@ -168,7 +179,7 @@ def _build(
         depth *= 0.85
         cover = min(cover, float(rng.uniform(0.4, 0.9)))
     if kind == "buckle":
-        bump = {"easy": (0.22, 0.35), "moderate": (0.12, 0.2), "hard": (0.06, 0.11)}[tier]
+        bump = {"easy": (0.3, 0.45), "moderate": (0.15, 0.25), "hard": (0.08, 0.14)}[tier]
         sides = (1, -1) if rng.random() < 0.5 else ((1,) if rng.random() < 0.5 else (-1,))
         return BoneFracture(
             buckle=Buckle(
@@ -257,14 +268,9 @@ def _segment(
         d_hi = radius if 1 in sides else 0.0
         a, b = bone.to_image(u0, d_lo * 0.95), bone.to_image(u0, d_hi * 0.95)
         return (a[0], a[1], b[0], b[1])
-    cuts = fracture.cuts
-    first, last = cuts[0], cuts[-1]
+    first = fracture.cuts[0]  # comminuted: the first line, at the edge of the fixed fragment
     lo = max(first.d_lo, -radius) * 0.95
     hi = min(first.d_hi, radius) * 0.95
-    if len(cuts) == 1:
-        a = bone.to_image(first.u0 + lo * first.slope, lo)
-        b = bone.to_image(first.u0 + hi * first.slope, hi)
-    else:  # across the comminuted zone, through its centre
-        mid = (first.u0 + last.u0) / 2
-        a, b = bone.to_image(mid, lo), bone.to_image(mid, hi)
+    a = bone.to_image(first.u0 + lo * first.slope, lo)
+    b = bone.to_image(first.u0 + hi * first.slope, hi)
     return (a[0], a[1], b[0], b[1])

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -162,17 +161,40 @@ def _make_split(
     router_params: PreprocessParams,
     fracture_params: PreprocessParams,
     bar: ProgressBar,
+    chunk: int = 256,
 ) -> tuple[ImageSet, ImageSet]:
-    """Generate ``count`` patients (one image each) and preprocess them for both models."""
+    """Generate ``count`` patients (one image each) and preprocess them for both models.
+
+    Works in chunks so that only ``chunk`` full-size images are in memory at a time.
+    """
+    advance = bar.stage(f"synthetic {split} images", count)
+    routers: list[ImageSet] = []
+    fractures: list[ImageSet] = []
+    for start in range(0, count, chunk):
+        router, fracture = _make_chunk(
+            plan, split, range(start, min(start + chunk, count)), router_params, fracture_params
+        )
+        routers.append(router)
+        fractures.append(fracture)
+        advance(len(router))
+    return _concatenate(routers), _concatenate(fractures)
+
+
+def _make_chunk(
+    plan: DemoPlan,
+    split: str,
+    patients: range,
+    router_params: PreprocessParams,
+    fracture_params: PreprocessParams,
+) -> tuple[ImageSet, ImageSet]:
     from boneflow.training.synth import generate_image, to_display
 
-    advance = bar.stage(f"synthetic {split} images", count)
     images: list[npt.NDArray[np.float32]] = []
     parts: list[str] = []
     fractured: list[bool] = []
     tiers: list[str] = []
     segments: list[tuple[float, float, float, float] | None] = []
-    for i in range(count):
+    for i in patients:
         rng = patient_rng(plan.seed, split, i)
         part = BODY_PARTS[i % len(BODY_PARTS)]
         broken = part != "other" and bool(rng.random() < 0.5)
@@ -182,13 +204,12 @@ def _make_split(
         fractured.append(bool(image.fractured))
         tiers.append(str(image.difficulty))
         segments.append(image.fracture_segment)
-        advance(1)
     router = build_image_set(
         images, [BODY_PARTS.index(p) for p in parts], router_params, parts, tiers
     )
     limb = [i for i, p in enumerate(parts) if p != "other"]
     fracture = build_image_set(
-        _subset(images, limb),
+        [images[i] for i in limb],
         [int(fractured[i]) for i in limb],
         fracture_params,
         [parts[i] for i in limb],
@@ -198,10 +219,15 @@ def _make_split(
     return router, fracture
 
 
-def _subset(
-    images: list[npt.NDArray[np.float32]], index: list[int]
-) -> Callable[[int], npt.NDArray[np.float32]]:
-    return lambda i: images[index[i]]
+def _concatenate(sets: list[ImageSet]) -> ImageSet:
+    masks = [s.masks for s in sets if s.masks is not None]
+    return ImageSet(
+        images=np.concatenate([s.images for s in sets]),
+        labels=np.concatenate([s.labels for s in sets]),
+        body_parts=tuple(p for s in sets for p in s.body_parts),
+        difficulties=tuple(d for s in sets for d in s.difficulties),
+        masks=np.concatenate(masks) if len(masks) == len(sets) else None,
+    )
 
 
 def _config(plan: DemoPlan, task: str) -> FitConfig:

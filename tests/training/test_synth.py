@@ -265,3 +265,26 @@ def test_cli_writes_a_data_set(tmp_path: Path) -> None:
     rows = _read_labels(out)
     assert {r["body_part"] for r in rows} <= {"hand", "elbow"}
     assert all(r["fractured"] == "1" for r in rows)
+
+
+def test_dicom_read_back_by_the_pixel_pipeline_matches_to_display(dicom_set: Path) -> None:
+    from boneflow.dicom.pixels import read_pixels
+    from boneflow.training.synth import SynthImage
+
+    for row in _read_labels(dicom_set)[:8]:
+        ds = pydicom.dcmread(dicom_set / row["file"])
+        pixels = read_pixels(ds)
+        pixels = (pixels - pixels.min()) / (pixels.max() - pixels.min())
+        stored = SynthImage(
+            ds.pixel_array.astype(np.uint16),
+            ds.BitsStored,
+            ds.PhotometricInterpretation,
+            row["body_part"],
+            False,
+            "",
+            "none",
+            None,
+            "",
+            "",
+        )
+        assert np.abs(pixels - to_display(stored)).max() < 0.02, row["file"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -286,3 +287,34 @@ def test_demo_without_orthanc_uses_the_built_in_receiver(
     assert any((tmp_path / "demo" / "received").rglob("*.dcm"))
     _check_demo_output(tmp_path / "demo", printed.out)
     _no_process_left(tmp_path)
+
+
+def test_models_are_trained_only_when_a_router_or_a_fracture_model_is_missing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import boneflow.training.demo
+    from boneflow.demo import ensure_demo_models
+    from boneflow.models.registry import Registry
+    from tests.model_fixtures import ROUTER, make_test_models
+
+    trained: list[Path] = []
+
+    def record(settings: Settings, progress: bool = True) -> list[object]:
+        trained.append(settings.resolved_model_dir)  # training itself is tested in training/
+        return []
+
+    monkeypatch.setattr(boneflow.training.demo, "train_demo_models", record)
+    quiet = Console(file=io.StringIO())
+    settings = Settings(data_dir=tmp_path, model_dir=tmp_path / "models")
+    assert ensure_demo_models(settings, quiet) == (tmp_path / "models").resolve()
+    assert trained == [(tmp_path / "models").resolve()]  # nothing registered
+    make_test_models(tmp_path / "models")
+    registry = Registry(tmp_path / "models")
+    assert registry.router().name == ROUTER
+    ensure_demo_models(settings, quiet)
+    assert len(trained) == 1  # router and fracture models exist: no training
+    for manifest in registry.list():  # a router alone (training interrupted) is not enough
+        if manifest.task == "fracture":
+            shutil.rmtree(tmp_path / "models" / manifest.name)
+    ensure_demo_models(settings, quiet)
+    assert len(trained) == 2

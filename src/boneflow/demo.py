@@ -152,21 +152,28 @@ def run_demo(settings: Settings, out_dir: Path, keep_open: bool = False) -> int:
 
 
 def ensure_demo_models(settings: Settings, console: Console) -> Path:
-    """Train and register the demo models when no router is registered; returns the folder."""
+    """Train and register the demo models unless a router and a fracture model exist.
+
+    Returns:
+        The (absolute) model folder the node will use.
+    """
     from boneflow.models.registry import Registry
 
     model_dir = settings.resolved_model_dir.resolve()
+    registry = Registry(model_dir)
     try:
-        Registry(model_dir).router()
+        registry.router()
+        has_fracture_model = any(m.task == "fracture" for m in registry.list())
+    except ModelNotFound:
+        has_fracture_model = False
+    if has_fracture_model:
         console.print(f"Using the models registered in {model_dir}")
         return model_dir
-    except ModelNotFound:
-        pass
     from boneflow.training.demo import train_demo_models
 
     console.print(
         f"No models in {model_dir}: training small demo models on synthetic radiographs "
-        "(about 10 minutes on 2 CPU cores; only the first time)"
+        "(about 10 minutes on 2 idle CPU cores; only the first time)"
     )
     train_demo_models(replace(settings, model_dir=model_dir), progress=True)
     return model_dir

@@ -23,11 +23,13 @@ class Architecture:
 
 
 def _densenet121(num_classes: int) -> nn.Module:
-    return nets.DenseNet121(spatial_dims=2, in_channels=1, out_channels=num_classes)
+    module: nn.Module = nets.DenseNet121(spatial_dims=2, in_channels=1, out_channels=num_classes)
+    return module
 
 
 def _densenet169(num_classes: int) -> nn.Module:
-    return nets.DenseNet169(spatial_dims=2, in_channels=1, out_channels=num_classes)
+    module: nn.Module = nets.DenseNet169(spatial_dims=2, in_channels=1, out_channels=num_classes)
+    return module
 
 
 def _resnet(depth: int) -> Callable[[int], nn.Module]:
@@ -45,9 +47,10 @@ def _resnet(depth: int) -> Callable[[int], nn.Module]:
 
 
 def _efficientnet_b0(num_classes: int) -> nn.Module:
-    return nets.EfficientNetBN(
+    module: nn.Module = nets.EfficientNetBN(
         "efficientnet-b0", pretrained=False, spatial_dims=2, in_channels=1, num_classes=num_classes
     )
+    return module
 
 
 ARCHITECTURES: dict[str, Architecture] = {

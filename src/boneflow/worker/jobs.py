@@ -24,10 +24,9 @@ from pydicom.dataset import Dataset
 from sqlalchemy import select
 
 from boneflow.config import Settings
-from boneflow.db.audit import Audit, JobKind, JobState, ResultStatus
+from boneflow.db.audit import Audit, JobKind, JobState
 from boneflow.db.schema import Instance, Job, JobInstance, JobStateChange, OutboxItem, Result
 from boneflow.errors import UnreadableInstance
-from boneflow.findings import Finding, FindingStatus
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +79,7 @@ def run_analysis(settings: Settings, audit: Audit, job: JobRecord) -> list[int]:
     """Analyse a job's images and queue its result objects; returns the outbox item ids."""
     from boneflow.dicom.results import build_result_objects
     from boneflow.worker.outbox import enqueue_results
-    from boneflow.worker.pipeline import analyse_datasets, load_datasets
+    from boneflow.worker.pipeline import analyse_datasets, load_datasets, record_result
 
     produced = outbox_items_of_job(audit, job.job_id)
     if produced:
@@ -112,25 +111,6 @@ def recorded_results(audit: Audit, job_id: int) -> set[tuple[str, str]]:
             select(Result.sop_instance_uid, Result.models).where(Result.job_id == job_id)
         ).all()
     return {(uid, _models_key(json.loads(models or "{}"))) for uid, models in rows}
-
-
-def record_result(audit: Audit, ds: Dataset, finding: Finding, job_id: int) -> None:
-    """Record one image's result (used when an earlier attempt recorded only some)."""
-    analysed = finding.status == FindingStatus.ANALYSED
-    audit.result_recorded(
-        sop_instance_uid=finding.sop_instance_uid,
-        status=ResultStatus.ANALYSED if analysed else ResultStatus.NOT_ANALYSED,
-        job_id=job_id,
-        study_instance_uid=str(ds.get("StudyInstanceUID", "")) or None,
-        body_part=finding.body_part,
-        body_part_confidence=finding.body_part_confidence,
-        fracture_probability=finding.fracture_probability,
-        fracture_present=finding.fracture_present,
-        threshold=finding.threshold,
-        models=finding.models,
-        timings_ms=finding.timings_ms,
-        reason=finding.reason,
-    )
 
 
 def _models_key(models: Mapping[str, str]) -> str:

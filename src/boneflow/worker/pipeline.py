@@ -113,11 +113,14 @@ def analyse_datasets(
             finding = next(analysed)
         findings.append(finding)
         if audit is not None:
-            _record(audit, ds, finding, job_id, failed=index in failed)
+            record_result(audit, ds, finding, job_id, failed=index in failed)
     return findings
 
 
-def _record(audit: Audit, ds: Dataset, finding: Finding, job_id: int | None, failed: bool) -> None:
+def record_result(
+    audit: Audit, ds: Dataset, finding: Finding, job_id: int | None, *, failed: bool = False
+) -> None:
+    """Record one image's finding in the audit log (FAILED when it could not be read)."""
     if failed:
         status = ResultStatus.FAILED
     elif finding.status == FindingStatus.ANALYSED:
@@ -140,4 +143,11 @@ def _record(audit: Audit, ds: Dataset, finding: Finding, job_id: int | None, fai
     )
 
 
-__all__ = ["UNDECODABLE", "analyse_datasets", "get_analyzer", "load_datasets", "to_image_input"]
+__all__ = [
+    "UNDECODABLE",
+    "analyse_datasets",
+    "get_analyzer",
+    "load_datasets",
+    "record_result",
+    "to_image_input",
+]

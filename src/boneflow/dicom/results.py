@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import io
 import logging
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +19,7 @@ from boneflow.dicom.pixels import read_pixels
 from boneflow.dicom.sc import build_secondary_capture
 from boneflow.dicom.sr import build_structured_report
 from boneflow.findings import Finding, FindingStatus
+from boneflow.fsio import write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -158,28 +157,3 @@ def write_heatmap_pngs(objects: ResultObjects, folder: Path) -> list[Path]:
 def read_result_file(path: Path) -> Dataset:
     """Read a result file written by :func:`write_result_files`."""
     return dcmread(path)
-
-
-def write_atomically(path: Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` through a temporary file, fsync and rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(data)
-            stream.flush()
-            os.fsync(stream.fileno())
-        Path(temporary).replace(path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    _fsync_directory(path.parent)
-    return path
-
-
-def _fsync_directory(folder: Path) -> None:
-    descriptor = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)

@@ -35,6 +35,7 @@ from boneflow.dicom.security import (
     raw_text,
     spool_relative_path,
 )
+from boneflow.fsio import fsync_path
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +109,7 @@ class Spool:
         """
         target = self.path_for(header)
         size = received.stat().st_size
-        _fsync_file(received)
+        fsync_path(received)
         with self._locked(header.sop_instance_uid):
             existing = stored_instance_id(audit, header.sop_instance_uid)
             if existing is not None:
@@ -176,7 +177,7 @@ class Spool:
         if received.stat().st_dev != target.parent.stat().st_dev:
             source = self.incoming_dir / f"{uuid.uuid4().hex}.part"  # other file system
             shutil.copyfile(received, source)
-            _fsync_file(source)
+            fsync_path(source)
         try:
             try:
                 os.link(source, target)  # atomic create-if-absent
@@ -188,9 +189,9 @@ class Spool:
         finally:
             if source != received:
                 source.unlink(missing_ok=True)
-        _fsync_dir(target.parent)
+        fsync_path(target.parent)
         for folder in created:
-            _fsync_dir(folder.parent)
+            fsync_path(folder.parent)
 
 
 def recover_spool(settings: Settings, audit: Audit) -> list[StoredInstance]:
@@ -341,19 +342,3 @@ def _make_dirs(folder: Path) -> list[Path]:
     for path in reversed(missing):
         path.mkdir(exist_ok=True)
     return missing
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

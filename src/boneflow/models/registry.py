@@ -28,6 +28,7 @@ from torch import nn
 
 from boneflow.config import Settings
 from boneflow.errors import ModelIntegrityError, ModelNotFound
+from boneflow.fsio import fsync_path
 from boneflow.models.networks import build_network
 
 log = logging.getLogger(__name__)
@@ -150,9 +151,9 @@ class Registry:
             manifest_path = staging / MANIFEST_FILE
             manifest_path.write_text(json.dumps(written.to_dict(), indent=2, sort_keys=True))
             for path in (weights, manifest_path):
-                _fsync(path)
+                fsync_path(path)
             os.rename(staging, final)  # atomic: readers see all of it or nothing
-            _fsync(final.parent)
+            fsync_path(final.parent)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
@@ -280,14 +281,6 @@ def _state(network: nn.Module) -> list[tuple[str, torch.Tensor]]:
 
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _read_manifest(path: Path) -> ModelManifest:

@@ -252,23 +252,23 @@ def models_command(settings: Settings, as_json: bool) -> int:
     if not manifests:
         print(f"no models registered in {registry.model_dir} (try: boneflow train --demo)")
         return 0
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"models in {registry.model_dir}")
-    for column in ("model", "task", "network", "parts", "threshold", "metrics", "created"):
-        table.add_column(column)
+    print(f"models in {registry.model_dir}")
+    rows = [("model", "task", "network", "threshold", "test metrics", "body parts", "created")]
     for m in manifests:
-        table.add_row(
-            m.model_id,
-            m.task,
-            f"{m.architecture} {m.input_size}px",
-            ", ".join(m.body_parts),
-            f"{m.threshold:.3f}",
-            _short_metrics(m.metrics),
-            m.created_at,
+        rows.append(
+            (
+                m.model_id,
+                m.task,
+                f"{m.architecture}@{m.input_size}px",
+                f"{m.threshold:.3f}",
+                _short_metrics(m.metrics),
+                ",".join(m.body_parts),
+                m.created_at[:19],
+            )
         )
-    Console().print(table)
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)))
     return 0
 
 
@@ -300,14 +300,23 @@ def _newness(manifest: ModelManifest) -> tuple[str, tuple[tuple[int, str], ...]]
     return manifest.created_at, natural
 
 
+_KEY_METRICS = ("accuracy", "roc_auc", "roc_auc_hard", "sensitivity", "specificity", "cohen_kappa")
+
+
 def _short_metrics(metrics: Mapping[str, Any]) -> str:
+    """The headline metrics, in a fixed order (the rest is in ``--json``)."""
     shown = []
-    for key, value in metrics.items():
+    for key in _KEY_METRICS:
+        value = metrics.get(key)
         if isinstance(value, int | float) and not isinstance(value, bool):
-            shown.append(f"{key}={value:.3g}")
-        if len(shown) == 4:
-            break
-    return " ".join(shown)
+            shown.append(f"{key}={value:.3f}")
+    if not shown:  # a model trained elsewhere: show whatever numbers it has
+        shown = [
+            f"{k}={v:.3g}"
+            for k, v in metrics.items()
+            if isinstance(v, int | float) and not isinstance(v, bool)
+        ][:4]
+    return " ".join(shown) or "-"
 
 
 __all__ = [

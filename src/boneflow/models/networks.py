@@ -20,6 +20,7 @@ class Architecture:
 
     build: Callable[[int], nn.Module]
     gradcam_layer: str
+    evidence_layer: str | None = None  # a 1-channel evidence map a training mask can supervise
 
 
 def _densenet121(num_classes: int) -> nn.Module:
@@ -46,6 +47,72 @@ def _resnet(depth: int) -> Callable[[int], nn.Module]:
     return build
 
 
+class _Residual(nn.Module):
+    """Two 3x3 convolutions (optionally dilated) with an identity shortcut."""
+
+    def __init__(self, channels: int, dilation: int = 1) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(channels, channels, 3, padding=dilation, dilation=dilation, bias=False),
+            nn.BatchNorm2d(channels),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(channels, channels, 3, padding=dilation, dilation=dilation, bias=False),
+            nn.BatchNorm2d(channels),
+        )
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.act(x + self.body(x))
+        return out
+
+
+def _down(c_in: int, c_out: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=False),
+        nn.BatchNorm2d(c_out),
+        nn.ReLU(inplace=True),
+    )
+
+
+class FractureNet(nn.Module):
+    """A small fully-convolutional detector of local defects (multiple-instance pooling).
+
+    Three stride-2 stages bring the image to 1/8 resolution (24x24 cells at 192 px, each
+    seeing thin lines at full detail); dilated residual blocks widen the context so that a
+    line crossing the whole bone can be told from a canal or growth plate. A 1x1 convolution
+    gives a per-cell fracture evidence map (``evidence``, trainable against a drawn fracture
+    line), and log-sum-exp pooling (a soft maximum) turns it into the image's logit: one
+    broken spot is enough. Returns logits (B, 2) = ``[0, z]``, so softmax gives
+    ``sigmoid(z)``. ``features`` is the Grad-CAM layer.
+    """
+
+    def __init__(self, num_classes: int = 2, width: int = 32, sharpness: float = 4.0) -> None:
+        super().__init__()
+        if num_classes != 2:
+            raise ValueError("FractureNet is a binary detector (num_classes must be 2)")
+        self.sharpness = sharpness
+        self.stem = nn.Sequential(_down(1, width // 2), _down(width // 2, width))
+        self.stage2 = nn.Sequential(_Residual(width), _down(width, 2 * width))
+        self.features = nn.Sequential(
+            _Residual(2 * width),
+            _Residual(2 * width, dilation=2),
+            _Residual(2 * width, dilation=4),
+            _Residual(2 * width, dilation=8),
+        )
+        self.evidence = nn.Conv2d(2 * width, 1, kernel_size=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        evidence = self.evidence(self.features(self.stage2(self.stem(x))))
+        flat = evidence.flatten(1) * self.sharpness
+        cells = torch.log(torch.tensor(float(flat.shape[1]), device=x.device))
+        z = (torch.logsumexp(flat, dim=1) - cells) / self.sharpness
+        return torch.stack([torch.zeros_like(z), z], dim=1)
+
+
+def _fracnet(num_classes: int) -> nn.Module:
+    return FractureNet(num_classes)
+
+
 def _efficientnet_b0(num_classes: int) -> nn.Module:
     module: nn.Module = nets.EfficientNetBN(
         "efficientnet-b0", pretrained=False, spatial_dims=2, in_channels=1, num_classes=num_classes
@@ -61,6 +128,7 @@ ARCHITECTURES: dict[str, Architecture] = {
     "resnet34": Architecture(_resnet(34), "layer4"),
     "resnet50": Architecture(_resnet(50), "layer4"),
     "efficientnet-b0": Architecture(_efficientnet_b0, "_bn1"),
+    "fracnet": Architecture(_fracnet, "features", evidence_layer="evidence"),
 }
 
 
@@ -83,10 +151,23 @@ def gradcam_layer(architecture: str) -> str:
     return ARCHITECTURES[architecture].gradcam_layer
 
 
+def evidence_layer(architecture: str) -> str | None:
+    """The layer giving a 1-channel evidence map that a fracture mask can supervise, if any."""
+    return ARCHITECTURES[architecture].evidence_layer
+
+
 def count_parameters(module: nn.Module) -> int:
     """Number of trainable parameters."""
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
 
 
-__all__ = ["ARCHITECTURES", "Architecture", "build_network", "count_parameters", "gradcam_layer"]
+__all__ = [
+    "ARCHITECTURES",
+    "Architecture",
+    "FractureNet",
+    "build_network",
+    "count_parameters",
+    "evidence_layer",
+    "gradcam_layer",
+]
 _ = torch  # torch is imported so that importing this module fails loudly without it

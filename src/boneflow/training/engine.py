@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 from torch import nn
 
-from boneflow.models.networks import build_network, gradcam_layer
+from boneflow.models.networks import build_network, evidence_layer, gradcam_layer
 from boneflow.models.transforms import Geometry, PreprocessParams, preprocess
 
 log = logging.getLogger(__name__)
@@ -469,14 +469,18 @@ class _Localiser:
         self.head: nn.Module | None = None
         if not self.active:
             return
-        layer = dict(network.named_modules())[gradcam_layer(config.architecture)]
+        # A network with its own evidence map is supervised on it directly (no extra head).
+        own_map = evidence_layer(config.architecture)
+        name = own_map or gradcam_layer(config.architecture)
+        layer = dict(network.named_modules())[name]
         self._hook = layer.register_forward_hook(self._keep)
         with torch.no_grad():
             network.eval()
             network(torch.zeros(1, 1, data.images.shape[1], data.images.shape[2], device=device))
         if self.features is None:
-            raise RuntimeError(f"{config.architecture}: the Grad-CAM layer produced no output")
-        self.head = nn.Conv2d(int(self.features.shape[1]), 1, kernel_size=1).to(device)
+            raise RuntimeError(f"{config.architecture}: layer {name} produced no output")
+        if own_map is None:
+            self.head = nn.Conv2d(int(self.features.shape[1]), 1, kernel_size=1).to(device)
 
     def close(self) -> None:
         """Remove the hook from the network (the registered model carries no trace of it)."""
@@ -488,9 +492,10 @@ class _Localiser:
 
     def loss(self, mask: torch.Tensor) -> torch.Tensor:
         """Binary cross-entropy of the predicted fracture map against the (pooled) mask."""
-        if self.head is None or self.features is None:
+        if self.features is None:
             raise RuntimeError("localiser used before a forward pass")
-        predicted = self.head(self.features.float())
+        features = self.features.float()
+        predicted = self.head(features) if self.head is not None else features
         target = F.adaptive_max_pool2d(mask, predicted.shape[-2:]).clamp(0.0, 1.0)
         weight = 1.0 + 20.0 * target  # a crack covers few cells; do not let zeros win
         return F.binary_cross_entropy_with_logits(predicted, target, weight=weight)

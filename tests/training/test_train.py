@@ -120,6 +120,44 @@ def test_masks_are_drawn_on_the_input_grid() -> None:
     assert cols.min() < 12 and cols.max() > 52
 
 
+def test_fracnet_learns_its_evidence_map_from_the_mask_without_an_extra_head(
+    tmp_path: Path,
+) -> None:
+    """FractureNet's own evidence map is the localisation target: no head is added."""
+    rng = np.random.default_rng(0)
+    images, labels, segments = [], [], []
+    for i in range(64):
+        image = (0.4 + 0.05 * rng.standard_normal((64, 64))).astype(np.float32)
+        broken = i % 2 == 0
+        if broken:
+            row = int(rng.integers(12, 52))
+            image[row : row + 2, 8:56] = 0.0  # a dark line across the image
+        images.append(np.clip(image, 0, 1))
+        labels.append(int(broken))
+        segments.append((8.0, row + 0.5, 55.0, row + 0.5) if broken else None)
+    data = build_image_set(
+        images, labels, PreprocessParams(input_size=64), ["wrist"] * 64, segments=segments
+    )
+    config = FitConfig(
+        architecture="fracnet",
+        num_classes=2,
+        epochs=3,
+        batch_size=16,
+        learning_rate=3e-3,
+        optimizer="adamw",
+        loss="weighted-ce",
+        schedule="cosine",
+        augment=False,
+        early_stop_patience=100,
+        localisation_weight=1.0,
+    )
+    result = fit(config, data, data, tmp_path, CPU)
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert "localiser" not in state  # supervised on the network's own evidence layer
+    assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
+    assert set(result.network.state_dict()) == set(state["model"])
+
+
 def test_train_and_register_writes_report_and_a_loadable_model(
     router_data: dict[str, ImageSet], tmp_path: Path
 ) -> None:

@@ -33,7 +33,7 @@ def job_lock(settings: Settings, audit: Audit, job_id: int) -> Iterator[bool]:
         with _advisory_lock(audit, job_id) as held:
             yield held
     else:
-        with _file_lock(lock_path(settings, job_id)) as held:
+        with try_file_lock(lock_path(settings, job_id)) as held:
             yield held
 
 
@@ -57,7 +57,11 @@ def remove_lock_file(settings: Settings, job_id: int) -> None:
 
 
 @contextmanager
-def _file_lock(path: Path) -> Iterator[bool]:
+def try_file_lock(path: Path) -> Iterator[bool]:
+    """A non-blocking ``flock`` on ``path``: yields whether we hold it.
+
+    The lock dies with its process, so a killed holder never leaves one behind.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:

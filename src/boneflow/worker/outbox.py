@@ -8,9 +8,7 @@ every item that points at them is final; a copy of every result stays in
 
 from __future__ import annotations
 
-import fcntl
 import logging
-import os
 import random
 import time
 from collections.abc import Iterator
@@ -28,6 +26,7 @@ from boneflow.db.audit import Audit, DispatchStatus
 from boneflow.db.schema import DispatchAttempt, OutboxItem
 from boneflow.dicom.results import ResultObjects, write_heatmap_pngs, write_result_files
 from boneflow.errors import ConfigError, DestinationRefused, DestinationUnavailable
+from boneflow.worker.locks import try_file_lock
 
 log = logging.getLogger(__name__)
 
@@ -360,22 +359,12 @@ def _item_lock(settings: Settings, outbox_item_id: int) -> Iterator[bool]:
     The file is removed once the item is final; until then it stays, so that every
     process locks the same file.
     """
-    folder = settings.outbox_dir / ".locks"
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"item-{outbox_item_id}.lock"
-    descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+    path = settings.outbox_dir / ".locks" / f"item-{outbox_item_id}.lock"
+    with try_file_lock(path) as held:
+        if not held:
             yield False
             return
-        try:
-            yield True
-            # A normal return means the item is final: a late process that still opens
-            # this file reads the final status under its lock and does nothing.
-            path.unlink(missing_ok=True)
-        finally:
-            fcntl.flock(descriptor, fcntl.LOCK_UN)
-    finally:
-        os.close(descriptor)
+        yield True
+        # A normal return means the item is final: a late process that still opens this
+        # file reads the final status under its lock and does nothing.
+        path.unlink(missing_ok=True)

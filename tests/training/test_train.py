@@ -259,6 +259,7 @@ def test_train_demo_models_registers_a_router_and_a_fracture_model(tmp_path: Pat
         fracture_size=64,
         router_epochs=1,
         fracture_epochs=1,
+        fracture_crop=32,
         batch_size=16,
     )
     from boneflow.training.demo import demo_test_set, train_demo_models
@@ -269,6 +270,7 @@ def test_train_demo_models_registers_a_router_and_a_fracture_model(tmp_path: Pat
     assert fracture.task == "fracture" and "other" not in fracture.body_parts
     assert set(fracture.body_parts) == set(BODY_PARTS) - {"other"}
     assert fracture.training["localisation_weight"] == 1.0
+    assert fracture.training["crop_size"] == 32
     registry = Registry(settings.resolved_model_dir)
     assert registry.router().model_id == "router@1"
     covering = registry.fracture_model_for("wrist")

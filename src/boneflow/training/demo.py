@@ -45,11 +45,12 @@ class DemoPlan:
     source_size: int = 384
     images: tuple[int, int, int] = (2400, 480, 800)  # train, val, test (patients)
     router_size: int = 128
-    fracture_size: int = 192
+    fracture_size: int = 384
     router_architecture: str = "resnet10"
-    fracture_architecture: str = "resnet10"
+    fracture_architecture: str = "fracnet"
     router_epochs: int = 4
-    fracture_epochs: int = 8
+    fracture_epochs: int = 24
+    fracture_crop: int = 128
     batch_size: int = 32
     learning_rate: float = 3e-3
     router_max_minutes: float = 2.5
@@ -239,11 +240,12 @@ def _config(plan: DemoPlan, task: str) -> FitConfig:
         batch_size=plan.batch_size,
         learning_rate=plan.learning_rate,
         optimizer="adamw",
-        loss="focal",
+        loss="focal" if router else "weighted-ce",
         seed=plan.seed,
         early_stop_patience=100,  # one-cycle schedule: the last epochs are the best
         schedule="cosine",
         localisation_weight=0.0 if router else plan.localisation_weight,
+        crop_size=0 if router else plan.fracture_crop,
         max_minutes=plan.router_max_minutes if router else plan.fracture_max_minutes,
         monitor="accuracy" if router else "auc",
     )

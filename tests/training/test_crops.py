@@ -1,0 +1,105 @@
+"""Training on crops around the fracture line, validated and used on whole images."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score
+
+from boneflow.models.transforms import PreprocessParams
+from boneflow.training.engine import FitConfig, ImageSet, _Cropper, build_image_set, fit, predict
+
+CPU = torch.device("cpu")
+SIZE = 96
+
+
+def _line_set(count: int, seed: int) -> ImageSet:
+    """Noisy images; every second one has a short dark line at a random place (its mask)."""
+    rng = np.random.default_rng(seed)
+    images, labels, segments = [], [], []
+    for i in range(count):
+        image = (0.5 + 0.06 * rng.standard_normal((SIZE, SIZE))).astype(np.float32)
+        segment = None
+        if i % 2 == 0:
+            row, col = (int(v) for v in rng.integers(10, SIZE - 30, size=2))
+            image[row : row + 2, col : col + 18] = 0.05
+            segment = (col + 0.5, row + 0.5, col + 17.5, row + 0.5)
+        images.append(np.clip(image, 0, 1))
+        labels.append(int(segment is not None))
+        segments.append(segment)
+    return build_image_set(
+        images, labels, PreprocessParams(input_size=SIZE), ["wrist"] * count, segments=segments
+    )
+
+
+CONFIG = FitConfig(
+    architecture="fracnet",
+    num_classes=2,
+    epochs=6,
+    batch_size=16,
+    learning_rate=3e-3,
+    optimizer="adamw",
+    loss="weighted-ce",
+    schedule="cosine",
+    early_stop_patience=100,
+    localisation_weight=1.0,
+    crop_size=48,
+)
+
+
+def test_crops_are_labelled_by_the_line_they_hold() -> None:
+    data = _line_set(40, seed=0)
+    cropper = _Cropper.create(data, CONFIG)
+    assert cropper is not None
+    crops = cropper.crops(np.arange(len(data)).repeat(5))
+    assert crops.images.shape == (200, 48, 48) and crops.masks is not None
+    holds_line = np.count_nonzero(crops.masks, axis=(1, 2)) >= _Cropper.MIN_LINE_PIXELS
+    assert np.array_equal(crops.labels, holds_line.astype(np.int64))
+    # a positive crop shows the dark line; only fractured images give positive crops
+    assert crops.images[crops.labels == 1].min(axis=(1, 2)).max() < 40
+    sources = np.arange(len(data)).repeat(5)
+    assert not crops.labels[data.labels[sources] == 0].any()
+    # most crops of a fractured image are on its line, and negatives are common too
+    assert 0.4 < crops.labels[data.labels[sources] == 1].mean() < 0.9
+    assert crops.labels.mean() < 0.5
+
+
+def test_crop_training_learns_and_scores_whole_images(tmp_path: Path) -> None:
+    train, val = _line_set(96, seed=1), _line_set(48, seed=2)
+    result = fit(CONFIG, train, val, tmp_path, CPU)
+    probabilities = predict(result.network, val, CPU)
+    assert probabilities.shape == (48, 2)  # whole 96 px images, trained on 48 px crops
+    assert roc_auc_score(val.labels, probabilities[:, 1]) > 0.9
+    assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
+
+
+def test_hard_negatives_are_mined_away_from_the_line() -> None:
+    data = _line_set(32, seed=3)
+    cropper = _Cropper.create(data, CONFIG)
+    assert cropper is not None
+    from boneflow.models.networks import build_network
+    from boneflow.training.engine import _Localiser
+
+    network = build_network("fracnet", 2)
+    localiser = _Localiser(network, CONFIG, data, CPU)
+    cropper.mine(network, localiser, CPU)
+    localiser.close()
+    assert cropper.hard, "an untrained network's peaks are false alarms somewhere"
+    guard = CONFIG.crop_size // 4
+    assert data.masks is not None
+    for i, y, x in cropper.hard:
+        assert not data.masks[i, max(0, y - guard) : y + guard, max(0, x - guard) : x + guard].any()
+
+
+def test_without_masks_crop_size_is_ignored_with_a_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    data = _line_set(8, seed=4)
+    bare = ImageSet(data.images, data.labels, data.body_parts, data.difficulties, masks=None)
+    with caplog.at_level(logging.WARNING):
+        assert _Cropper.create(bare, CONFIG) is None
+    assert "no fracture masks" in caplog.text

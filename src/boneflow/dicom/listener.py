@@ -38,6 +38,7 @@ from pynetdicom.transport import (
 
 from boneflow.config import Settings
 from boneflow.db.audit import Audit, InstanceStatus
+from boneflow.dicom.acceptor import install_lean_receive
 from boneflow.dicom.incoming import INCOMING_ATTRIBUTE, install_incoming_tempfiles
 from boneflow.dicom.security import (
     DEFLATED,
@@ -351,13 +352,12 @@ class _BoundedSocket(AssociationSocket):
         self._dataset_bytes = 0
 
     def recv(self, nr_bytes: int) -> bytearray:
+        """pynetdicom's stock reader: the 6-byte PDU header, then the PDU body."""
         if self._pdu_type is None:  # the 6-byte PDU header
             data = self._recv_exactly(nr_bytes)
             if len(data) == 6:
                 pdu_type, length = data[0], int.from_bytes(data[2:6], "big")
-                limit = self._max_pdu if pdu_type == 0x04 else _CONTROL_MESSAGE_PDU_LIMIT
-                if length > limit:
-                    self._violate(f"PDU of {length} bytes exceeds the limit of {limit}")
+                self.check_pdu_header(pdu_type, length)
                 self._pdu_type = pdu_type
             return data
         pdu_type, self._pdu_type = self._pdu_type, None
@@ -365,6 +365,21 @@ class _BoundedSocket(AssociationSocket):
         if pdu_type == 0x04:
             self._count_dataset_bytes(data)
         return data
+
+    def check_pdu_header(self, pdu_type: int, length: int) -> None:
+        """Abort (ConnectionAbortedError) when a PDU is longer than we allow."""
+        limit = self._max_pdu if pdu_type == 0x04 else _CONTROL_MESSAGE_PDU_LIMIT
+        if length > limit:
+            self._violate(f"PDU of {length} bytes exceeds the limit of {limit}")
+
+    def count_fragment(self, control_header: int, nbytes: int) -> None:
+        """Count one PDV fragment; abort when a dataset exceeds MAX_INSTANCE_BYTES."""
+        if control_header & 0x01:  # command fragment: a new message starts
+            self._dataset_bytes = 0
+            return
+        self._dataset_bytes += nbytes
+        if self._dataset_bytes > self._max_dataset:
+            self._violate(f"dataset exceeds MAX_INSTANCE_BYTES {self._max_dataset}")
 
     def _recv_exactly(self, nr_bytes: int) -> bytearray:
         buffer = bytearray(nr_bytes)
@@ -385,13 +400,7 @@ class _BoundedSocket(AssociationSocket):
         offset = 0
         while offset + 6 <= len(pdu):
             item_length = int.from_bytes(pdu[offset : offset + 4], "big")
-            control = pdu[offset + 5]
-            if control & 0x01:  # command fragment: a new message starts
-                self._dataset_bytes = 0
-            else:
-                self._dataset_bytes += item_length - 2
-                if self._dataset_bytes > self._max_dataset:
-                    self._violate(f"dataset exceeds MAX_INSTANCE_BYTES {self._max_dataset}")
+            self.count_fragment(pdu[offset + 5], item_length - 2)
             offset += 4 + item_length
 
     def _shutdown_socket(self) -> None:
@@ -458,6 +467,7 @@ class _RequestHandler(RequestHandler):
             elif isinstance(event, evt.NotificationEvent):
                 for handler, args in handlers:
                     assoc.bind(event, handler, args)
+        install_lean_receive(assoc)
         return assoc
 
 

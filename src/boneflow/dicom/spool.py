@@ -226,16 +226,8 @@ def recover_spool(settings: Settings, audit: Audit) -> list[StoredInstance]:
 
 
 def stored_instance_id(audit: Audit, sop_instance_uid: str) -> int | None:
-    """The audit id of the STORED row of this SOP Instance UID, if any."""
-    with audit.session() as session:
-        return session.scalar(
-            select(Instance.id)
-            .where(
-                Instance.sop_instance_uid == sop_instance_uid,
-                Instance.status == str(InstanceStatus.STORED),
-            )
-            .limit(1)
-        )
+    """The audit id of the STORED row of this SOP Instance UID, if any (a plain read)."""
+    return audit.stored_instance_id(sop_instance_uid)
 
 
 def _recover_one(spool: Spool, audit: Audit, path: Path) -> StoredInstance | None:

@@ -25,6 +25,7 @@ import ssl
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, Any
 
@@ -49,6 +50,7 @@ from boneflow.dicom.security import (
     server_tls_context,
 )
 from boneflow.dicom.spool import Spool, StoredInstance
+from boneflow.fsio import fsync_path
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +140,9 @@ class _Ingest:
         self.audit = audit
         self.on_stored = on_stored
         self.spool = Spool(settings.spool_dir)
+        self._fsync_pool = ThreadPoolExecutor(
+            max(2, settings.max_associations), thread_name_prefix="boneflow-fsync"
+        )
 
     def handlers(self) -> list[tuple[Any, Callable[..., Any]]]:
         return [
@@ -214,8 +219,25 @@ class _Ingest:
             "sop_class_uid": str(request.AffectedSOPClassUID or "")[:64] or None,
             "transfer_syntax": transfer_syntax,
         }
+        path = Path(event.dataset_path)
+        synced = self._fsync_pool.submit(fsync_path, path)  # overlaps the header check
         try:
-            path = Path(event.dataset_path)
+            return self._store(event, path, synced, fields, started)
+        finally:
+            with contextlib.suppress(Exception):  # refused: the file is deleted anyway
+                synced.result()
+
+    def _store(
+        self,
+        event: Any,
+        path: Path,
+        synced: Future[None],
+        fields: dict[str, Any],
+        started: float,
+    ) -> int:
+        request = event.request
+        transfer_syntax = fields["transfer_syntax"]
+        try:
             size = path.stat().st_size
             fields["size_bytes"] = size
             if shutil.disk_usage(self.spool.root).free < self.settings.min_free_bytes:
@@ -243,7 +265,13 @@ class _Ingest:
             return self._refuse(fields, HeaderProblem(CANNOT_UNDERSTAND, str(exc)), started)
         try:
             outcome = self.spool.store_file(
-                path, header, transfer_syntax, self.audit, association_id=assoc_id, started=started
+                path,
+                header,
+                transfer_syntax,
+                self.audit,
+                association_id=fields["association_id"],
+                started=started,
+                synced=synced.result,
             )
         except Exception as exc:  # disk or database trouble: the peer must retry later
             log.exception("cannot spool instance %s", header.sop_instance_uid)

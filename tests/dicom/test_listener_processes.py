@@ -1,8 +1,9 @@
-"""LISTENER_PROCESSES > 1: several processes share one port (SO_REUSEPORT)."""
+"""LISTENER_PROCESSES > 1: several processes accept from one listening socket."""
 
 from __future__ import annotations
 
 import os
+import socket
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from functools import partial
@@ -64,4 +65,34 @@ def test_two_processes_share_the_port_and_store_each_instance_once(
     statuses = sorted(e.status for e in audit.trail() if e.event == "instance")
     assert statuses == ["duplicate"] + ["stored"] * 16
     assert audit.verify() == []
+    audit.close()
+
+
+def test_the_port_is_bound_once_and_freed_on_stop(ingest_settings: Settings) -> None:
+    settings = replace(ingest_settings, listener_processes=2)
+    upgrade(settings.resolved_database_url)
+    audit = Audit.open(settings.resolved_database_url)
+    handle = start_listener(settings, audit, partial(record, os.devnull))
+    try:
+        with socket.socket() as intruder:  # no SO_REUSEPORT: nobody else gets the port
+            intruder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            with pytest.raises(OSError):
+                intruder.bind(("127.0.0.1", handle.port))
+        assert dcmtk("echoscu", "-aec", "BONEFLOW", "127.0.0.1", str(handle.port)).returncode == 0
+    finally:
+        handle.stop()
+        assert handle.wait(20)
+        audit.close()
+    with socket.socket() as again:
+        again.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        again.bind(("127.0.0.1", handle.port))
+
+
+def test_an_unpicklable_on_stored_is_refused_before_anything_starts(
+    ingest_settings: Settings,
+) -> None:
+    settings = replace(ingest_settings, listener_processes=2)
+    audit = Audit.open(settings.resolved_database_url)
+    with pytest.raises(TypeError, match="picklable"):
+        start_listener(settings, audit, lambda instance: None)
     audit.close()

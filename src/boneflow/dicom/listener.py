@@ -5,8 +5,9 @@ received in chunks straight into ``<spool>/.incoming`` (never held in memory), t
 header is checked without decoding pixels, and only after fsync, atomic link and the
 STORED audit row is success returned and ``on_stored`` called (once per new instance).
 
-With ``LISTENER_PROCESSES`` > 1, that many processes bind the same port with
-``SO_REUSEPORT`` and the kernel spreads associations over them (one GIL each). Each child
+With ``LISTENER_PROCESSES`` > 1, the parent binds and listens on the port and that many
+spawned child processes accept from the one listening socket (one GIL each): whichever
+is free first takes the next association, so a busy process does not get it. Each child
 process opens its own audit connection and calls ``on_stored`` itself, so the callback
 must then be picklable (a module-level function or a ``functools.partial`` of one) and
 safe to run in several processes; the production hand-off (the settle loop) reads the
@@ -19,6 +20,7 @@ import contextlib
 import logging
 import multiprocessing
 import multiprocessing.synchronize
+import pickle
 import shutil
 import socket
 import ssl
@@ -116,16 +118,27 @@ def start_listener(settings: Settings, audit: Audit, on_stored: OnStored) -> Lis
             used: each child process opens its own from ``settings``.
         on_stored: called once per new instance, after fsync and the STORED audit row,
             on the association's thread. It must be quick; whatever it raises is caught,
-            audited and logged, never passed to the peer.
+            audited and logged, never passed to the peer. With LISTENER_PROCESSES > 1 it
+            runs in the child processes and must be picklable.
 
     Returns:
         The handle; ``handle.port`` is the port actually bound.
+
+    Raises:
+        TypeError: LISTENER_PROCESSES > 1 and ``on_stored`` cannot be pickled.
     """
     if not settings.allowed_callers:
         log.warning("ALLOWED_CALLERS is empty: any calling AE title may store")
     if settings.listener_processes > 1:
+        try:
+            pickle.dumps(on_stored)
+        except Exception as exc:  # a lambda or closure: say so before spawning anything
+            raise TypeError(
+                f"LISTENER_PROCESSES={settings.listener_processes} needs a picklable "
+                f"on_stored (a module-level function), not {on_stored!r}: {exc}"
+            ) from exc
         return _start_processes(settings, on_stored)
-    server = _start_server(settings, audit, on_stored, reuse_port=False)
+    server = _start_server(settings, audit, on_stored)
     return _handle_for(server)
 
 
@@ -505,22 +518,35 @@ class _Server(ThreadedAssociationServer):
     daemon_threads = True
 
     def __init__(
-        self, ae: Any, settings: Settings, ingest: _Ingest, reuse_port: bool, **kwargs: Any
+        self,
+        ae: Any,
+        settings: Settings,
+        ingest: _Ingest,
+        listening: socket.socket | None,
+        **kwargs: Any,
     ) -> None:
         self.settings = settings
         self.ingest = ingest
-        self.reuse_port = reuse_port
+        self.listening = listening
         super().__init__(ae, request_handler=_RequestHandler, **kwargs)
 
     def server_bind(self) -> None:
-        if self.reuse_port and self.socket is not None:
-            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        super().server_bind()
+        if self.listening is None:
+            super().server_bind()
+            return
+        if self.socket is not None:
+            self.socket.close()  # the unbound one socketserver made; the parent's is used
+        self.socket = self.listening
+        self.server_address = self.socket.getsockname()
+
+    def server_activate(self) -> None:
+        if self.listening is None:
+            super().server_activate()
 
     def get_request(self) -> tuple[socket.socket, Any]:
         if self.socket is None:
             raise OSError("the listening socket is closed")
-        client, address = self.socket.accept()
+        client, address = self.socket.accept()  # BlockingIOError: a sibling was faster
         client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if self.ssl_context:
             client = self.ssl_context.wrap_socket(
@@ -530,7 +556,11 @@ class _Server(ThreadedAssociationServer):
 
 
 def _start_server(
-    settings: Settings, audit: Audit, on_stored: OnStored, *, reuse_port: bool
+    settings: Settings,
+    audit: Audit,
+    on_stored: OnStored,
+    *,
+    listening: socket.socket | None = None,
 ) -> _Server:
     install_incoming_tempfiles()
     _config.STORE_RECV_CHUNKED_DATASET = True
@@ -548,7 +578,7 @@ def _start_server(
         ae,
         settings,
         ingest,
-        reuse_port,
+        listening,
         address=(settings.host, settings.port),
         ae_title=settings.ae_title,
         contexts=ae.supported_contexts,
@@ -590,10 +620,13 @@ def _handle_for(server: _Server) -> ListenerHandle:
 
 def _start_processes(settings: Settings, on_stored: OnStored) -> ListenerHandle:
     context = multiprocessing.get_context("spawn")
-    reserve = socket.socket(socket.AF_INET6 if ":" in settings.host else socket.AF_INET)
-    reserve.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    reserve.bind((settings.host, settings.port))  # bound, not listening: gets no connections
-    port = int(reserve.getsockname()[1])
+    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+    listening = socket.socket(family, socket.SOCK_STREAM)
+    listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listening.bind((settings.host, settings.port))
+    listening.listen(max(128, 4 * settings.max_associations))
+    listening.setblocking(False)  # every child waits in select; the first to accept wins
+    port = int(listening.getsockname()[1])
     child_settings = _replace_port(settings, port)
     stop_event = context.Event()
     processes: list[Any] = []
@@ -602,7 +635,7 @@ def _start_processes(settings: Settings, on_stored: OnStored) -> ListenerHandle:
             ready = context.Event()
             process = context.Process(
                 target=_child_main,
-                args=(child_settings, on_stored, ready, stop_event),
+                args=(child_settings, listening, on_stored, ready, stop_event),
                 name=f"boneflow-listener-{index}",
                 daemon=False,
             )
@@ -616,9 +649,8 @@ def _start_processes(settings: Settings, on_stored: OnStored) -> ListenerHandle:
             process.join(10)
             if process.is_alive():
                 process.kill()
+        listening.close()
         raise
-    finally:
-        reserve.close()
     log.info("%d listener processes share port %d", len(processes), port)
 
     def stop() -> None:
@@ -628,6 +660,7 @@ def _start_processes(settings: Settings, on_stored: OnStored) -> ListenerHandle:
             if process.is_alive():
                 process.terminate()
                 process.join(5)
+        listening.close()  # the port is free once every child has let go of it
 
     def wait(timeout: float | None) -> bool:
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -643,6 +676,7 @@ def _start_processes(settings: Settings, on_stored: OnStored) -> ListenerHandle:
 
 def _child_main(
     settings: Settings,
+    listening: socket.socket,
     on_stored: OnStored,
     ready: multiprocessing.synchronize.Event,
     stop_event: multiprocessing.synchronize.Event,
@@ -652,7 +686,7 @@ def _child_main(
     configure_logging(settings.log_level, settings.log_json)
     audit = Audit.open(settings.resolved_database_url)
     try:
-        server = _start_server(settings, audit, on_stored, reuse_port=True)
+        server = _start_server(settings, audit, on_stored, listening=listening)
         handle = _handle_for(server)
         ready.set()
         with contextlib.suppress(KeyboardInterrupt):

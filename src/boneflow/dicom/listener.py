@@ -85,6 +85,7 @@ CANNOT_UNDERSTAND = 0xC000
 _ASSOC_ID = "_boneflow_association_id"
 _VIOLATION = "_boneflow_violation"
 _CONTROL_MESSAGE_PDU_LIMIT = 1024 * 1024  # associate/release/abort PDUs are small
+_DEFER_SECONDS = 0.2  # how long a busier listener process leaves a connection to others
 
 
 class ListenerHandle:
@@ -523,11 +524,13 @@ class _Server(ThreadedAssociationServer):
         settings: Settings,
         ingest: _Ingest,
         listening: socket.socket | None,
+        siblings: _Siblings | None,
         **kwargs: Any,
     ) -> None:
         self.settings = settings
         self.ingest = ingest
         self.listening = listening
+        self.siblings = siblings
         super().__init__(ae, request_handler=_RequestHandler, **kwargs)
 
     def server_bind(self) -> None:
@@ -546,13 +549,59 @@ class _Server(ThreadedAssociationServer):
     def get_request(self) -> tuple[socket.socket, Any]:
         if self.socket is None:
             raise OSError("the listening socket is closed")
+        if self.siblings is not None:
+            self.siblings.defer_to_a_less_busy_one()  # BlockingIOError: leave it to them
         client, address = self.socket.accept()  # BlockingIOError: a sibling was faster
         client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if self.ssl_context:
             client = self.ssl_context.wrap_socket(
                 client, server_side=True, do_handshake_on_connect=False
             )
+        if self.siblings is not None:
+            self.siblings.count(+1)
         return client, address
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            if self.siblings is not None:
+                self.siblings.count(-1)
+
+
+class _Siblings:
+    """Spreads associations evenly over the listener processes of one listening socket.
+
+    Each process counts its open connections in a shared array. A process with more than
+    the least busy sibling leaves a waiting connection to the others for up to
+    :data:`_DEFER_SECONDS`, then takes it anyway (a sibling may be stuck). Without this,
+    whichever process wakes first accepts, and four associations land 3 + 1 or 4 + 0 on
+    two processes as often as 2 + 2.
+    """
+
+    def __init__(self, loads: Any, slot: int) -> None:
+        self._loads = loads  # multiprocessing.Array("i", processes, lock=False)
+        self._slot = slot
+        self._lock = threading.Lock()
+        self._deferring_since = 0.0
+        self._last_deferral = 0.0
+
+    def count(self, delta: int) -> None:
+        with self._lock:  # only this process writes its slot
+            self._loads[self._slot] += delta
+
+    def defer_to_a_less_busy_one(self) -> None:
+        loads = list(self._loads)
+        if loads[self._slot] <= min(loads):
+            return
+        now = time.monotonic()
+        if now - self._last_deferral > 0.01:  # a new waiting connection
+            self._deferring_since = now
+        self._last_deferral = now
+        if now - self._deferring_since > _DEFER_SECONDS:
+            return  # nobody else took it: take it
+        time.sleep(0.001)  # the socket stays readable until someone accepts: do not spin
+        raise BlockingIOError("left to a less busy listener process")
 
 
 def _start_server(
@@ -561,6 +610,7 @@ def _start_server(
     on_stored: OnStored,
     *,
     listening: socket.socket | None = None,
+    siblings: _Siblings | None = None,
 ) -> _Server:
     install_incoming_tempfiles()
     _config.STORE_RECV_CHUNKED_DATASET = True
@@ -579,6 +629,7 @@ def _start_server(
         settings,
         ingest,
         listening,
+        siblings,
         address=(settings.host, settings.port),
         ae_title=settings.ae_title,
         contexts=ae.supported_contexts,
@@ -629,13 +680,14 @@ def _start_processes(settings: Settings, on_stored: OnStored) -> ListenerHandle:
     port = int(listening.getsockname()[1])
     child_settings = _replace_port(settings, port)
     stop_event = context.Event()
+    loads = context.Array("i", settings.listener_processes, lock=False)
     processes: list[Any] = []
     try:
         for index in range(settings.listener_processes):
             ready = context.Event()
             process = context.Process(
                 target=_child_main,
-                args=(child_settings, listening, on_stored, ready, stop_event),
+                args=(child_settings, listening, (loads, index), on_stored, ready, stop_event),
                 name=f"boneflow-listener-{index}",
                 daemon=False,
             )
@@ -677,6 +729,7 @@ def _start_processes(settings: Settings, on_stored: OnStored) -> ListenerHandle:
 def _child_main(
     settings: Settings,
     listening: socket.socket,
+    load_slot: tuple[Any, int],
     on_stored: OnStored,
     ready: multiprocessing.synchronize.Event,
     stop_event: multiprocessing.synchronize.Event,
@@ -686,7 +739,8 @@ def _child_main(
     configure_logging(settings.log_level, settings.log_json)
     audit = Audit.open(settings.resolved_database_url)
     try:
-        server = _start_server(settings, audit, on_stored, listening=listening)
+        siblings = _Siblings(*load_slot)
+        server = _start_server(settings, audit, on_stored, listening=listening, siblings=siblings)
         handle = _handle_for(server)
         ready.set()
         with contextlib.suppress(KeyboardInterrupt):

@@ -1,13 +1,15 @@
 """Ingest throughput: boneflow's listener beside dcmtk storescp, fed by dcmtk storescu.
 
 Sends N real-size radiographs (the uncompressed CR images of pydicom-data, each copy with
-its own SOP Instance UID) over loopback with 1 and with 4 parallel associations, first to
-dcmtk ``storescp`` and then to the boneflow listener, in the same run, and prints images/s,
-MB/s and the ratio. Both dcmtk tools run with ``TCP_NODELAY=1`` (Debian's dcmtk leaves
-Nagle's algorithm on otherwise). Both receivers offer 128 KiB PDUs. boneflow fsyncs
-every instance and writes an audit row before answering; storescp does neither.
+its own SOP Instance UID) over loopback with 1 and with 4 parallel associations to dcmtk
+``storescp`` and to the boneflow listener, in alternating order round by round (boneflow,
+storescp; then storescp, boneflow; ...), and prints each round's images/s, the ratio, the
+load average, and the median ratio. Both dcmtk tools run with ``TCP_NODELAY=1``
+(Debian's dcmtk leaves Nagle's algorithm on otherwise). Both receivers offer 128 KiB
+PDUs. boneflow fsyncs every instance and writes an audit row before answering; storescp
+does neither. boneflow runs with the same LISTENER_PROCESSES for every case.
 
-    .venv/bin/python bench/ingest.py [--count 200] [--processes 4] [--repeat 1]
+    .venv/bin/python bench/ingest.py [--count 200] [--repeat 3] [--processes N]
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import argparse
 import os
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -39,61 +42,95 @@ ENV = {**os.environ, "TCP_NODELAY": "1"}
 PDU = 131072
 
 
-@dataclass(frozen=True)
-class Result:
-    receiver: str
-    associations: int
-    images: int
-    megabytes: float
-    seconds: float
-
-    @property
-    def images_per_second(self) -> float:
-        return self.images / self.seconds
-
-    @property
-    def megabytes_per_second(self) -> float:
-        return self.megabytes / self.seconds
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=200, help="radiographs per run (>= 200)")
-    parser.add_argument("--processes", type=int, default=4, help="LISTENER_PROCESSES for 4")
-    parser.add_argument("--repeat", type=int, default=1, help="runs per case; best is kept")
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=Settings().listener_processes,
+        help="LISTENER_PROCESSES of boneflow (default: the configured default)",
+    )
+    parser.add_argument("--repeat", type=int, default=3, help="rounds per case")
+    parser.add_argument(
+        "--associations", default="1,4", help="comma-separated parallel associations"
+    )
+    parser.add_argument("--no-disk", action="store_true", help="skip the write+fsync ceiling")
     args = parser.parse_args()
+    cases = [int(a) for a in args.associations.split(",")]
     with tempfile.TemporaryDirectory(prefix="boneflow-bench-") as scratch:
         root = Path(scratch)
         files = _prepare(root / "send", args.count)
         megabytes = sum(f.stat().st_size for f in files) / 1e6
-        print(f"{len(files)} radiographs, {megabytes:.0f} MB, loopback, PDU {PDU // 1024} KiB")
-        results: list[Result] = []
-        for associations in (1, 4):
-            seconds = _disk_ceiling(root / "disk", files, associations)
-            ceiling = Result("disk write+fsync", associations, len(files), megabytes, seconds)
-            results.append(ceiling)
-            print(
-                f"  {ceiling.receiver:15s} {associations} thr:   {ceiling.images_per_second:6.1f} "
-                f"img/s {ceiling.megabytes_per_second:6.0f} MB/s (no network, the fsync ceiling)",
-                flush=True,
-            )
-            for name, receiver in (
-                ("dcmtk storescp", _storescp),
-                ("boneflow", lambda r, a: _boneflow(r, a, args.processes)),
-            ):
-                best = min(
-                    (receiver(root, associations)(files) for _ in range(args.repeat)),
-                    key=lambda seconds: seconds,
-                )
-                result = Result(name, associations, len(files), megabytes, best)
-                results.append(result)
+        print(
+            f"{len(files)} radiographs, {megabytes:.0f} MB, loopback, PDU {PDU // 1024} KiB, "
+            f"boneflow LISTENER_PROCESSES={args.processes}, {os.cpu_count()} CPUs"
+        )
+        summaries: list[Summary] = []
+        for associations in cases:
+            if not args.no_disk:
+                seconds = _disk_ceiling(root / "disk", files, associations)
                 print(
-                    f"  {name:15s} {associations} assoc: {result.images_per_second:6.1f} img/s "
-                    f"{result.megabytes_per_second:6.0f} MB/s ({best:.1f} s)",
+                    f"  write+fsync only, {associations} thread(s): "
+                    f"{len(files) / seconds:6.1f} img/s (no network: the fsync ceiling)",
                     flush=True,
                 )
-        _print_table(results, args.processes)
+            rounds: list[Round] = []
+            for number in range(1, args.repeat + 1):
+                # Alternate who goes first, so that a load change hits both alike.
+                order = ("boneflow", "storescp") if number % 2 else ("storescp", "boneflow")
+                seconds_of: dict[str, float] = {}
+                load_before = os.getloadavg()[0]
+                for name in order:
+                    run = (
+                        _boneflow(root, args.processes)
+                        if name == "boneflow"
+                        else _storescp(root, associations)
+                    )
+                    os.sync()  # neither run inherits the other's write-back
+                    seconds_of[name] = run(files, associations)
+                result = Round(
+                    associations,
+                    number,
+                    len(files) / seconds_of["boneflow"],
+                    len(files) / seconds_of["storescp"],
+                    megabytes / seconds_of["boneflow"],
+                    max(load_before, os.getloadavg()[0]),
+                )
+                rounds.append(result)
+                print(
+                    f"  {associations} assoc round {number}: boneflow "
+                    f"{result.boneflow:6.1f} img/s, storescp {result.storescp:6.1f} img/s, "
+                    f"ratio {result.ratio:.2f}x, load {result.load:.1f}",
+                    flush=True,
+                )
+            summaries.append(Summary(associations, rounds))
+        _print_table(summaries, args.processes)
     return 0
+
+
+@dataclass(frozen=True)
+class Round:
+    associations: int
+    number: int
+    boneflow: float  # images/s
+    storescp: float  # images/s
+    boneflow_megabytes: float  # MB/s
+    load: float  # 1-minute load average, the higher of before and after
+
+    @property
+    def ratio(self) -> float:
+        return self.boneflow / self.storescp
+
+
+@dataclass(frozen=True)
+class Summary:
+    associations: int
+    rounds: list[Round]
+
+    @property
+    def median_ratio(self) -> float:
+        return statistics.median(r.ratio for r in self.rounds)
 
 
 def _prepare(folder: Path, count: int) -> list[Path]:
@@ -155,8 +192,8 @@ def _send(port: int, files: list[Path], associations: int) -> float:
     return time.perf_counter() - started
 
 
-def _storescp(root: Path, associations: int) -> Callable[[list[Path]], float]:
-    def run(files: list[Path]) -> float:
+def _storescp(root: Path, associations: int) -> Callable[[list[Path], int], float]:
+    def run(files: list[Path], associations: int) -> float:
         out = root / "storescp"
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir()
@@ -180,8 +217,8 @@ def _storescp(root: Path, associations: int) -> Callable[[list[Path]], float]:
     return run
 
 
-def _boneflow(root: Path, associations: int, processes: int) -> Callable[[list[Path]], float]:
-    def run(files: list[Path]) -> float:
+def _boneflow(root: Path, processes: int) -> Callable[[list[Path], int], float]:
+    def run(files: list[Path], associations: int) -> float:
         data = root / "boneflow"
         shutil.rmtree(data, ignore_errors=True)
         settings = Settings(
@@ -189,7 +226,7 @@ def _boneflow(root: Path, associations: int, processes: int) -> Callable[[list[P
             port=0,
             min_free_bytes=0,
             max_pdu_bytes=PDU,
-            listener_processes=processes if associations > 1 else 1,
+            listener_processes=processes,
             log_level="WARNING",
         )
         upgrade(settings.resolved_database_url)
@@ -213,28 +250,24 @@ def _noop(instance: StoredInstance) -> None:
     """on_stored of the bench: the hand-off itself is not measured here."""
 
 
-def _print_table(results: list[Result], processes: int) -> None:
+def _print_table(summaries: list[Summary], processes: int) -> None:
     print()
-    print("| associations | receiver | img/s | MB/s | boneflow / storescp | boneflow / disk |")
-    print("|---|---|---|---|---|---|")
-    for associations in (1, 4):
-        case = {r.receiver: r for r in results if r.associations == associations}
-        disk, reference, ours = case["disk write+fsync"], case["dcmtk storescp"], case["boneflow"]
-        ratio = ours.images_per_second / reference.images_per_second
-        of_disk = ours.images_per_second / disk.images_per_second
-        label = f"boneflow ({processes} processes)" if associations > 1 else "boneflow (1 process)"
-        rows = (
-            (f"write+fsync only ({associations} thread{'s' if associations > 1 else ''})", disk),
-            (f"dcmtk storescp{' --fork' if associations > 1 else ''}", reference),
-        )
-        for name, row in rows:
-            print(
-                f"| {associations} | {name} | {row.images_per_second:.0f} | "
-                f"{row.megabytes_per_second:.0f} | | |"
-            )
+    print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, LISTENER_PROCESSES={processes}")
+    print()
+    print(
+        "| associations | rounds | load | boneflow img/s | storescp img/s "
+        "| per-round ratios | median ratio |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for summary in summaries:
+        rounds = summary.rounds
+        loads = [r.load for r in rounds]
+        ratios = ", ".join(f"{r.ratio:.2f}" for r in rounds)
         print(
-            f"| {associations} | {label} | {ours.images_per_second:.0f} | "
-            f"{ours.megabytes_per_second:.0f} | {ratio:.2f}x | {of_disk:.2f}x |"
+            f"| {summary.associations} | {len(rounds)} | {min(loads):.1f}–{max(loads):.1f} "
+            f"| {statistics.median(r.boneflow for r in rounds):.0f} "
+            f"| {statistics.median(r.storescp for r in rounds):.0f} "
+            f"| {ratios} | **{summary.median_ratio:.2f}×** |"
         )
 
 

@@ -72,7 +72,7 @@ class Settings:
     settle_seconds: float = 3.0
     # Limits an unauthenticated peer could otherwise make us exceed.
     max_associations: int = 16
-    listener_processes: int = 1  # >1: that many processes share the port (SO_REUSEPORT)
+    listener_processes: int = 1  # >1: that many processes accept from one listening socket
     max_pdu_bytes: int = 131072
     max_instance_bytes: int = 512 * 1024 * 1024
     max_pixels: int = 100_000_000

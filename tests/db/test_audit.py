@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import sqlite3
 import threading
+import time
 
 import pytest
 from sqlalchemy import create_engine, text
@@ -209,4 +211,26 @@ def test_several_processes_append_to_one_chain(audit: Audit, database_url: str) 
         process.join(120)
         assert process.exitcode == 0
     assert audit.head()[0] == 60
+    assert audit.verify() == []
+
+
+def test_stored_instance_id_is_a_plain_read_beside_a_writer(
+    audit: Audit, database_url: str
+) -> None:
+    stored = audit.instance_received(status=InstanceStatus.STORED, sop_instance_uid="1.2.3")
+    audit.instance_received(status=InstanceStatus.DUPLICATE, sop_instance_uid="1.2.3")
+    audit.instance_received(status=InstanceStatus.REFUSED, sop_instance_uid="1.2.4")
+    assert audit.stored_instance_id("1.2.3") == stored
+    assert audit.stored_instance_id("1.2.4") is None
+    if not database_url.startswith("sqlite:///"):
+        return
+    writer = sqlite3.connect(database_url.removeprefix("sqlite:///"), isolation_level=None)
+    try:
+        writer.execute("BEGIN IMMEDIATE")  # another process in the middle of an append
+        started = time.monotonic()
+        assert audit.stored_instance_id("1.2.3") == stored  # not waiting for the writer
+        assert time.monotonic() - started < 1.0
+    finally:
+        writer.execute("ROLLBACK")
+        writer.close()
     assert audit.verify() == []

@@ -5,8 +5,9 @@ received in chunks straight into ``<spool>/.incoming`` (never held in memory), t
 header is checked without decoding pixels, and only after fsync, atomic link and the
 STORED audit row is success returned and ``on_stored`` called (once per new instance).
 
-With ``LISTENER_PROCESSES`` > 1, that many processes bind the same port with
-``SO_REUSEPORT`` and the kernel spreads associations over them (one GIL each). Each child
+With ``LISTENER_PROCESSES`` > 1, the parent binds and listens on the port and that many
+spawned child processes accept from the one listening socket (one GIL each): whichever
+is free first takes the next association, so a busy process does not get it. Each child
 process opens its own audit connection and calls ``on_stored`` itself, so the callback
 must then be picklable (a module-level function or a ``functools.partial`` of one) and
 safe to run in several processes; the production hand-off (the settle loop) reads the
@@ -19,12 +20,14 @@ import contextlib
 import logging
 import multiprocessing
 import multiprocessing.synchronize
+import pickle
 import shutil
 import socket
 import ssl
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, Any
 
@@ -38,6 +41,7 @@ from pynetdicom.transport import (
 
 from boneflow.config import Settings
 from boneflow.db.audit import Audit, InstanceStatus
+from boneflow.dicom.acceptor import install_lean_receive
 from boneflow.dicom.incoming import INCOMING_ATTRIBUTE, install_incoming_tempfiles
 from boneflow.dicom.security import (
     DEFLATED,
@@ -48,6 +52,7 @@ from boneflow.dicom.security import (
     server_tls_context,
 )
 from boneflow.dicom.spool import Spool, StoredInstance
+from boneflow.fsio import fsync_path
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +85,7 @@ CANNOT_UNDERSTAND = 0xC000
 _ASSOC_ID = "_boneflow_association_id"
 _VIOLATION = "_boneflow_violation"
 _CONTROL_MESSAGE_PDU_LIMIT = 1024 * 1024  # associate/release/abort PDUs are small
+_DEFER_SECONDS = 0.2  # how long a busier listener process leaves a connection to others
 
 
 class ListenerHandle:
@@ -113,16 +119,27 @@ def start_listener(settings: Settings, audit: Audit, on_stored: OnStored) -> Lis
             used: each child process opens its own from ``settings``.
         on_stored: called once per new instance, after fsync and the STORED audit row,
             on the association's thread. It must be quick; whatever it raises is caught,
-            audited and logged, never passed to the peer.
+            audited and logged, never passed to the peer. With LISTENER_PROCESSES > 1 it
+            runs in the child processes and must be picklable.
 
     Returns:
         The handle; ``handle.port`` is the port actually bound.
+
+    Raises:
+        TypeError: LISTENER_PROCESSES > 1 and ``on_stored`` cannot be pickled.
     """
     if not settings.allowed_callers:
         log.warning("ALLOWED_CALLERS is empty: any calling AE title may store")
     if settings.listener_processes > 1:
+        try:
+            pickle.dumps(on_stored)
+        except Exception as exc:  # a lambda or closure: say so before spawning anything
+            raise TypeError(
+                f"LISTENER_PROCESSES={settings.listener_processes} needs a picklable "
+                f"on_stored (a module-level function), not {on_stored!r}: {exc}"
+            ) from exc
         return _start_processes(settings, on_stored)
-    server = _start_server(settings, audit, on_stored, reuse_port=False)
+    server = _start_server(settings, audit, on_stored)
     return _handle_for(server)
 
 
@@ -137,6 +154,9 @@ class _Ingest:
         self.audit = audit
         self.on_stored = on_stored
         self.spool = Spool(settings.spool_dir)
+        self._fsync_pool = ThreadPoolExecutor(
+            max(2, settings.max_associations), thread_name_prefix="boneflow-fsync"
+        )
 
     def handlers(self) -> list[tuple[Any, Callable[..., Any]]]:
         return [
@@ -213,8 +233,25 @@ class _Ingest:
             "sop_class_uid": str(request.AffectedSOPClassUID or "")[:64] or None,
             "transfer_syntax": transfer_syntax,
         }
+        path = Path(event.dataset_path)
+        synced = self._fsync_pool.submit(fsync_path, path)  # overlaps the header check
         try:
-            path = Path(event.dataset_path)
+            return self._store(event, path, synced, fields, started)
+        finally:
+            with contextlib.suppress(Exception):  # refused: the file is deleted anyway
+                synced.result()
+
+    def _store(
+        self,
+        event: Any,
+        path: Path,
+        synced: Future[None],
+        fields: dict[str, Any],
+        started: float,
+    ) -> int:
+        request = event.request
+        transfer_syntax = fields["transfer_syntax"]
+        try:
             size = path.stat().st_size
             fields["size_bytes"] = size
             if shutil.disk_usage(self.spool.root).free < self.settings.min_free_bytes:
@@ -242,7 +279,13 @@ class _Ingest:
             return self._refuse(fields, HeaderProblem(CANNOT_UNDERSTAND, str(exc)), started)
         try:
             outcome = self.spool.store_file(
-                path, header, transfer_syntax, self.audit, association_id=assoc_id, started=started
+                path,
+                header,
+                transfer_syntax,
+                self.audit,
+                association_id=fields["association_id"],
+                started=started,
+                synced=synced.result,
             )
         except Exception as exc:  # disk or database trouble: the peer must retry later
             log.exception("cannot spool instance %s", header.sop_instance_uid)
@@ -351,13 +394,12 @@ class _BoundedSocket(AssociationSocket):
         self._dataset_bytes = 0
 
     def recv(self, nr_bytes: int) -> bytearray:
+        """pynetdicom's stock reader: the 6-byte PDU header, then the PDU body."""
         if self._pdu_type is None:  # the 6-byte PDU header
             data = self._recv_exactly(nr_bytes)
             if len(data) == 6:
                 pdu_type, length = data[0], int.from_bytes(data[2:6], "big")
-                limit = self._max_pdu if pdu_type == 0x04 else _CONTROL_MESSAGE_PDU_LIMIT
-                if length > limit:
-                    self._violate(f"PDU of {length} bytes exceeds the limit of {limit}")
+                self.check_pdu_header(pdu_type, length)
                 self._pdu_type = pdu_type
             return data
         pdu_type, self._pdu_type = self._pdu_type, None
@@ -365,6 +407,21 @@ class _BoundedSocket(AssociationSocket):
         if pdu_type == 0x04:
             self._count_dataset_bytes(data)
         return data
+
+    def check_pdu_header(self, pdu_type: int, length: int) -> None:
+        """Abort (ConnectionAbortedError) when a PDU is longer than we allow."""
+        limit = self._max_pdu if pdu_type == 0x04 else _CONTROL_MESSAGE_PDU_LIMIT
+        if length > limit:
+            self._violate(f"PDU of {length} bytes exceeds the limit of {limit}")
+
+    def count_fragment(self, control_header: int, nbytes: int) -> None:
+        """Count one PDV fragment; abort when a dataset exceeds MAX_INSTANCE_BYTES."""
+        if control_header & 0x01:  # command fragment: a new message starts
+            self._dataset_bytes = 0
+            return
+        self._dataset_bytes += nbytes
+        if self._dataset_bytes > self._max_dataset:
+            self._violate(f"dataset exceeds MAX_INSTANCE_BYTES {self._max_dataset}")
 
     def _recv_exactly(self, nr_bytes: int) -> bytearray:
         buffer = bytearray(nr_bytes)
@@ -385,13 +442,7 @@ class _BoundedSocket(AssociationSocket):
         offset = 0
         while offset + 6 <= len(pdu):
             item_length = int.from_bytes(pdu[offset : offset + 4], "big")
-            control = pdu[offset + 5]
-            if control & 0x01:  # command fragment: a new message starts
-                self._dataset_bytes = 0
-            else:
-                self._dataset_bytes += item_length - 2
-                if self._dataset_bytes > self._max_dataset:
-                    self._violate(f"dataset exceeds MAX_INSTANCE_BYTES {self._max_dataset}")
+            self.count_fragment(pdu[offset + 5], item_length - 2)
             offset += 4 + item_length
 
     def _shutdown_socket(self) -> None:
@@ -458,6 +509,7 @@ class _RequestHandler(RequestHandler):
             elif isinstance(event, evt.NotificationEvent):
                 for handler, args in handlers:
                     assoc.bind(event, handler, args)
+        install_lean_receive(assoc)
         return assoc
 
 
@@ -467,32 +519,98 @@ class _Server(ThreadedAssociationServer):
     daemon_threads = True
 
     def __init__(
-        self, ae: Any, settings: Settings, ingest: _Ingest, reuse_port: bool, **kwargs: Any
+        self,
+        ae: Any,
+        settings: Settings,
+        ingest: _Ingest,
+        listening: socket.socket | None,
+        siblings: _Siblings | None,
+        **kwargs: Any,
     ) -> None:
         self.settings = settings
         self.ingest = ingest
-        self.reuse_port = reuse_port
+        self.listening = listening
+        self.siblings = siblings
         super().__init__(ae, request_handler=_RequestHandler, **kwargs)
 
     def server_bind(self) -> None:
-        if self.reuse_port and self.socket is not None:
-            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        super().server_bind()
+        if self.listening is None:
+            super().server_bind()
+            return
+        if self.socket is not None:
+            self.socket.close()  # the unbound one socketserver made; the parent's is used
+        self.socket = self.listening
+        self.server_address = self.socket.getsockname()
+
+    def server_activate(self) -> None:
+        if self.listening is None:
+            super().server_activate()
 
     def get_request(self) -> tuple[socket.socket, Any]:
         if self.socket is None:
             raise OSError("the listening socket is closed")
-        client, address = self.socket.accept()
+        if self.siblings is not None:
+            self.siblings.defer_to_a_less_busy_one()  # BlockingIOError: leave it to them
+        client, address = self.socket.accept()  # BlockingIOError: a sibling was faster
         client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if self.ssl_context:
             client = self.ssl_context.wrap_socket(
                 client, server_side=True, do_handshake_on_connect=False
             )
+        if self.siblings is not None:
+            self.siblings.count(+1)
         return client, address
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            if self.siblings is not None:
+                self.siblings.count(-1)
+
+
+class _Siblings:
+    """Spreads associations evenly over the listener processes of one listening socket.
+
+    Each process counts its open connections in a shared array. A process with more than
+    the least busy sibling leaves a waiting connection to the others for up to
+    :data:`_DEFER_SECONDS`, then takes it anyway (a sibling may be stuck). Without this,
+    whichever process wakes first accepts, and four associations land 3 + 1 or 4 + 0 on
+    two processes as often as 2 + 2.
+    """
+
+    def __init__(self, loads: Any, slot: int) -> None:
+        self._loads = loads  # multiprocessing.Array("i", processes, lock=False)
+        self._slot = slot
+        self._lock = threading.Lock()
+        self._deferring_since = 0.0
+        self._last_deferral = 0.0
+
+    def count(self, delta: int) -> None:
+        with self._lock:  # only this process writes its slot
+            self._loads[self._slot] += delta
+
+    def defer_to_a_less_busy_one(self) -> None:
+        loads = list(self._loads)
+        if loads[self._slot] <= min(loads):
+            return
+        now = time.monotonic()
+        if now - self._last_deferral > 0.01:  # a new waiting connection
+            self._deferring_since = now
+        self._last_deferral = now
+        if now - self._deferring_since > _DEFER_SECONDS:
+            return  # nobody else took it: take it
+        time.sleep(0.001)  # the socket stays readable until someone accepts: do not spin
+        raise BlockingIOError("left to a less busy listener process")
 
 
 def _start_server(
-    settings: Settings, audit: Audit, on_stored: OnStored, *, reuse_port: bool
+    settings: Settings,
+    audit: Audit,
+    on_stored: OnStored,
+    *,
+    listening: socket.socket | None = None,
+    siblings: _Siblings | None = None,
 ) -> _Server:
     install_incoming_tempfiles()
     _config.STORE_RECV_CHUNKED_DATASET = True
@@ -510,7 +628,8 @@ def _start_server(
         ae,
         settings,
         ingest,
-        reuse_port,
+        listening,
+        siblings,
         address=(settings.host, settings.port),
         ae_title=settings.ae_title,
         contexts=ae.supported_contexts,
@@ -552,19 +671,23 @@ def _handle_for(server: _Server) -> ListenerHandle:
 
 def _start_processes(settings: Settings, on_stored: OnStored) -> ListenerHandle:
     context = multiprocessing.get_context("spawn")
-    reserve = socket.socket(socket.AF_INET6 if ":" in settings.host else socket.AF_INET)
-    reserve.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    reserve.bind((settings.host, settings.port))  # bound, not listening: gets no connections
-    port = int(reserve.getsockname()[1])
+    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+    listening = socket.socket(family, socket.SOCK_STREAM)
+    listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listening.bind((settings.host, settings.port))
+    listening.listen(max(128, 4 * settings.max_associations))
+    listening.setblocking(False)  # every child waits in select; the first to accept wins
+    port = int(listening.getsockname()[1])
     child_settings = _replace_port(settings, port)
     stop_event = context.Event()
+    loads = context.Array("i", settings.listener_processes, lock=False)
     processes: list[Any] = []
     try:
         for index in range(settings.listener_processes):
             ready = context.Event()
             process = context.Process(
                 target=_child_main,
-                args=(child_settings, on_stored, ready, stop_event),
+                args=(child_settings, listening, (loads, index), on_stored, ready, stop_event),
                 name=f"boneflow-listener-{index}",
                 daemon=False,
             )
@@ -578,9 +701,8 @@ def _start_processes(settings: Settings, on_stored: OnStored) -> ListenerHandle:
             process.join(10)
             if process.is_alive():
                 process.kill()
+        listening.close()
         raise
-    finally:
-        reserve.close()
     log.info("%d listener processes share port %d", len(processes), port)
 
     def stop() -> None:
@@ -590,6 +712,7 @@ def _start_processes(settings: Settings, on_stored: OnStored) -> ListenerHandle:
             if process.is_alive():
                 process.terminate()
                 process.join(5)
+        listening.close()  # the port is free once every child has let go of it
 
     def wait(timeout: float | None) -> bool:
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -605,6 +728,8 @@ def _start_processes(settings: Settings, on_stored: OnStored) -> ListenerHandle:
 
 def _child_main(
     settings: Settings,
+    listening: socket.socket,
+    load_slot: tuple[Any, int],
     on_stored: OnStored,
     ready: multiprocessing.synchronize.Event,
     stop_event: multiprocessing.synchronize.Event,
@@ -614,7 +739,8 @@ def _child_main(
     configure_logging(settings.log_level, settings.log_json)
     audit = Audit.open(settings.resolved_database_url)
     try:
-        server = _start_server(settings, audit, on_stored, reuse_port=True)
+        siblings = _Siblings(*load_slot)
+        server = _start_server(settings, audit, on_stored, listening=listening, siblings=siblings)
         handle = _handle_for(server)
         ready.set()
         with contextlib.suppress(KeyboardInterrupt):

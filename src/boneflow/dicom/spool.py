@@ -18,7 +18,7 @@ import shutil
 import time
 import uuid
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,6 +91,7 @@ class Spool:
         *,
         association_id: int | None = None,
         started: float | None = None,
+        synced: Callable[[], object] | None = None,
     ) -> StoreOutcome:
         """Put a received file in the spool (fsync + atomic link) and audit it.
 
@@ -102,6 +103,8 @@ class Spool:
             audit: the audit log (STORED or DUPLICATE row appended here).
             association_id: the audit id of the association it came on.
             started: ``time.monotonic()`` when receiving finished, for ``elapsed_ms``.
+            synced: waits for an fsync of ``received`` the caller already started (and
+                raises what it raised); None: the file is fsync'd here.
 
         Returns:
             The instance and whether it is new (False: a duplicate, acknowledged and not
@@ -109,7 +112,8 @@ class Spool:
         """
         target = self.path_for(header)
         size = received.stat().st_size
-        fsync_path(received)
+        if synced is None:
+            fsync_path(received)
         with self._locked(header.sop_instance_uid):
             existing = stored_instance_id(audit, header.sop_instance_uid)
             if existing is not None:
@@ -125,6 +129,8 @@ class Spool:
                     elapsed_ms=_elapsed_ms(started),
                 )
                 return StoreOutcome(_instance(header, transfer_syntax, target, size, row), False)
+            if synced is not None:
+                synced()  # the data is on disk before its name is
             self._link_into_place(received, target)
             row = _record(
                 audit,
@@ -226,16 +232,8 @@ def recover_spool(settings: Settings, audit: Audit) -> list[StoredInstance]:
 
 
 def stored_instance_id(audit: Audit, sop_instance_uid: str) -> int | None:
-    """The audit id of the STORED row of this SOP Instance UID, if any."""
-    with audit.session() as session:
-        return session.scalar(
-            select(Instance.id)
-            .where(
-                Instance.sop_instance_uid == sop_instance_uid,
-                Instance.status == str(InstanceStatus.STORED),
-            )
-            .limit(1)
-        )
+    """The audit id of the STORED row of this SOP Instance UID, if any (a plain read)."""
+    return audit.stored_instance_id(sop_instance_uid)
 
 
 def _recover_one(spool: Spool, audit: Audit, path: Path) -> StoredInstance | None:

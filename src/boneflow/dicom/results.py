@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import io
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
+import numpy.typing as npt
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
@@ -52,6 +53,7 @@ def build_result_objects(
     predecessor: Dataset | None = None,
     *,
     ae_title: str = PRODUCT_NAME,
+    pixels: Mapping[str, npt.NDArray[np.float32]] | None = None,
 ) -> ResultObjects:
     """Build the SR and the SCs of one study from its images and their findings.
 
@@ -60,6 +62,8 @@ def build_result_objects(
         findings: one finding per source, matched by SOP Instance UID.
         predecessor: the SR of an earlier analysis of this study, which this one supersedes.
         ae_title: our AE title, named as the observer device in the SR.
+        pixels: display pixels already decoded (``read_pixels``), by SOP Instance UID;
+            a source missing here is decoded again.
 
     Raises:
         ValueError: the sources span several studies or do not match the findings.
@@ -81,10 +85,11 @@ def build_result_objects(
         if finding.status is not FindingStatus.ANALYSED:
             continue
         source = by_uid[finding.sop_instance_uid]
+        display = (pixels or {}).get(finding.sop_instance_uid)
         captures[finding.sop_instance_uid] = build_secondary_capture(
             source,
             finding,
-            read_pixels(source),
+            read_pixels(source) if display is None else display,
             series_instance_uid=sc_series,
             series_number=SC_SERIES_NUMBER,
             instance_number=len(captures) + 1,
@@ -147,7 +152,8 @@ def write_heatmap_pngs(objects: ResultObjects, folder: Path) -> list[Path]:
     paths = []
     for sc in objects.secondary_captures:
         rgb = np.asarray(sc.pixel_array, dtype=np.uint8)
-        ok, encoded = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+        bgr = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
+        ok, encoded = cv2.imencode(".png", bgr, [cv2.IMWRITE_PNG_COMPRESSION, 1])
         if not ok:
             raise OSError(f"cannot encode SC {sc.SOPInstanceUID} as PNG")
         paths.append(write_atomically(folder / f"SC-{sc.SOPInstanceUID}.png", encoded.tobytes()))

@@ -18,6 +18,7 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
@@ -27,6 +28,9 @@ from boneflow.config import Settings
 from boneflow.db.audit import Audit, JobKind, JobState
 from boneflow.db.schema import Instance, Job, JobInstance, JobStateChange, OutboxItem, Result
 from boneflow.errors import UnreadableInstance
+
+if TYPE_CHECKING:
+    from boneflow.models.inference import FloatArray
 
 log = logging.getLogger(__name__)
 
@@ -92,16 +96,19 @@ def run_analysis(settings: Settings, audit: Audit, job: JobRecord) -> list[int]:
     recorded = recorded_results(audit, job.job_id)
     # An earlier attempt that died after recording results: analyse again (same models,
     # same images, same findings) but record only what is missing.
-    findings = analyse_datasets(settings, None if recorded else audit, datasets, job.job_id)
+    decoded: dict[str, FloatArray] = {}  # each image is decoded once per job
+    findings = analyse_datasets(
+        settings, None if recorded else audit, datasets, job.job_id, decoded=decoded
+    )
     if recorded:
         for ds, finding in zip(datasets, findings, strict=True):
             if (finding.sop_instance_uid, _models_key(finding.models)) not in recorded:
                 record_result(audit, ds, finding, job.job_id)
     predecessor = previous_report(settings, audit, job)
     objects = build_result_objects(
-        datasets, findings, predecessor=predecessor, ae_title=settings.ae_title
+        datasets, findings, predecessor=predecessor, ae_title=settings.ae_title, pixels=decoded
     )
-    return list(enqueue_results(settings, audit, objects, job.job_id))
+    return list(enqueue_results(settings, audit, objects, job.job_id, background_pngs=True))
 
 
 def recorded_results(audit: Audit, job_id: int) -> set[tuple[str, str]]:

@@ -9,9 +9,12 @@ every item that points at them is final; a copy of every result stays in
 from __future__ import annotations
 
 import logging
+import os
 import random
 import time
+import uuid
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -24,8 +27,9 @@ from sqlalchemy import func, select
 from boneflow.config import Destination, Settings, parse_node
 from boneflow.db.audit import Audit, DispatchStatus
 from boneflow.db.schema import DispatchAttempt, OutboxItem
-from boneflow.dicom.results import ResultObjects, write_heatmap_pngs, write_result_files
+from boneflow.dicom.results import ResultObjects, file_name, to_bytes, write_heatmap_pngs
 from boneflow.errors import ConfigError, DestinationRefused, DestinationUnavailable
+from boneflow.fsio import fsync_path, write_atomically
 from boneflow.worker.locks import try_file_lock
 
 log = logging.getLogger(__name__)
@@ -53,25 +57,44 @@ class OutboxEntry:
 
 
 def enqueue_results(
-    settings: Settings, audit: Audit, objects: ResultObjects, job_id: int | None
+    settings: Settings,
+    audit: Audit,
+    objects: ResultObjects,
+    job_id: int | None,
+    *,
+    background_pngs: bool = False,
 ) -> list[int]:
     """Keep the result files and put one outbox item per object and destination.
 
     Files go to ``results/<study>/`` (with a PNG of each SC) and, when there are
     destinations, to ``outbox/<study>/``; both are written atomically before any item is
-    recorded. Calling it again with the same objects adds nothing.
+    recorded. Each object is encoded once; the outbox copy is a hard link to the kept
+    file (a copy when the two folders are on different file systems). Calling it again
+    with the same objects adds nothing.
+
+    Args:
+        settings: where DATA_DIR is and the destinations.
+        audit: the audit log.
+        objects: one study's SR and SCs.
+        job_id: the job that produced them.
+        background_pngs: write the SC PNGs (for people to look at) on a helper thread,
+            so that they do not delay the results; see :func:`wait_for_pngs`.
 
     Returns:
         The outbox item ids (existing ones included), SCs before the SR of each destination.
     """
     study = objects.study_instance_uid
     kept = settings.results_dir / _folder_name(study)
-    write_result_files(objects, kept)
-    write_heatmap_pngs(objects, kept)
+    kept_paths = [write_atomically(kept / file_name(ds), to_bytes(ds)) for ds in objects.datasets]
+    if background_pngs:
+        _pngs_pending.append(_png_writer().submit(_write_pngs, objects, kept))
+    else:
+        write_heatmap_pngs(objects, kept)
     if not settings.destinations:
         log.info("study %s: results in %s; no destinations configured", study, kept)
         return []
-    paths = write_result_files(objects, settings.outbox_dir / _folder_name(study))
+    outbox = settings.outbox_dir / _folder_name(study)
+    paths = [_link_atomically(path, outbox / path.name) for path in kept_paths]
     uids = [str(ds.SOPInstanceUID) for ds in objects.datasets]
     existing = _existing_items(audit, uids)
     ids: list[int] = []
@@ -98,6 +121,12 @@ def enqueue_results(
         len(settings.destinations),
     )
     return ids
+
+
+def wait_for_pngs(timeout_seconds: float | None = None) -> None:
+    """Wait until the PNGs handed to the helper thread are written."""
+    while _pngs_pending:
+        _pngs_pending.pop().result(timeout_seconds)
 
 
 def deliver(settings: Settings, audit: Audit, outbox_item_id: int) -> DispatchStatus:
@@ -240,6 +269,40 @@ def next_delay_seconds(
     """
     ceiling = min(max_seconds, base_seconds * 2.0 ** min(max(attempt, 0), 32))
     return (rng or random).uniform(ceiling / 2.0, ceiling)
+
+
+_png_executor: ThreadPoolExecutor | None = None
+_pngs_pending: list[Future[None]] = []
+
+
+def _png_writer() -> ThreadPoolExecutor:
+    global _png_executor
+    if _png_executor is None:
+        _png_executor = ThreadPoolExecutor(1, thread_name_prefix="boneflow-png")
+    done = [f for f in _pngs_pending if f.done()]
+    for future in done:
+        _pngs_pending.remove(future)
+    return _png_executor
+
+
+def _write_pngs(objects: ResultObjects, folder: Path) -> None:
+    try:
+        write_heatmap_pngs(objects, folder)
+    except (OSError, ValueError) as exc:  # a picture for people; the results are kept
+        log.warning("cannot write the SC PNGs of study %s: %s", objects.study_instance_uid, exc)
+
+
+def _link_atomically(source: Path, target: Path) -> Path:
+    """``target`` as a hard link to ``source`` (complete or absent), else a copy."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temporary = target.with_name(f".tmp-{uuid.uuid4().hex}{target.suffix}")
+    try:
+        os.link(source, temporary)
+    except OSError:  # another file system, or links not supported
+        return write_atomically(target, source.read_bytes())
+    temporary.replace(target)
+    fsync_path(target.parent)
+    return target
 
 
 def _send(settings: Settings, destination: Destination, path: Path) -> None:

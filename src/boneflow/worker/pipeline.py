@@ -20,7 +20,7 @@ from boneflow.db.audit import Audit, ResultStatus
 from boneflow.dicom.pixels import laterality, read_pixels
 from boneflow.errors import UnreadableInstance
 from boneflow.findings import Finding, FindingStatus, ModelId
-from boneflow.models.inference import Analyzer, ImageInput
+from boneflow.models.inference import Analyzer, FloatArray, ImageInput
 from boneflow.models.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -77,12 +77,15 @@ def analyse_datasets(
     audit: Audit | None,
     datasets: Sequence[Dataset],
     job_id: int | None = None,
+    decoded: dict[str, FloatArray] | None = None,
 ) -> list[Finding]:
     """Analyse a study's datasets; one :class:`Finding` per dataset, in order.
 
     An image whose pixels cannot be decoded gets a ``NOT_ANALYSED`` finding whose reason
     says so (and, with an ``audit``, a FAILED result row); the others go on. With an
-    ``audit``, one result row per image is recorded.
+    ``audit``, one result row per image is recorded. With ``decoded``, the display pixels
+    of each decoded image are put there by SOP Instance UID, so that the Secondary
+    Captures need not decode the image again.
 
     Raises:
         ModelNotFound: no router is registered.
@@ -94,6 +97,8 @@ def analyse_datasets(
     for index, ds in enumerate(datasets):
         try:
             inputs.append(to_image_input(ds))
+            if decoded is not None:
+                decoded[inputs[-1].sop_instance_uid] = inputs[-1].pixels
         except UnreadableInstance as exc:
             log.error("%s", exc)
             failed[index] = f"{UNDECODABLE}: {exc}"

@@ -15,14 +15,15 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from sqlalchemy import select
+from sqlalchemy import exists, select
+from sqlalchemy.orm import aliased
 
 from boneflow.config import Settings
 from boneflow.db.audit import Audit, JobKind, JobState
@@ -30,7 +31,10 @@ from boneflow.db.schema import Instance, Job, JobInstance, JobStateChange, Outbo
 from boneflow.errors import UnreadableInstance
 
 if TYPE_CHECKING:
+    from boneflow.findings import Finding
     from boneflow.models.inference import FloatArray
+
+UNDECODABLE = "pixel data could not be decoded"  # = boneflow.worker.pipeline.UNDECODABLE
 
 log = logging.getLogger(__name__)
 
@@ -81,29 +85,110 @@ def load_job(audit: Audit, job_id: int) -> JobRecord:
 
 def run_analysis(settings: Settings, audit: Audit, job: JobRecord) -> list[int]:
     """Analyse a job's images and queue its result objects; returns the outbox item ids."""
-    from boneflow.dicom.results import build_result_objects
-    from boneflow.worker.outbox import enqueue_results
-    from boneflow.worker.pipeline import analyse_datasets, load_datasets, record_result
+    outcome = run_analyses(settings, audit, [job])[job.job_id]
+    if isinstance(outcome, BaseException):
+        raise outcome
+    return outcome
 
-    produced = outbox_items_of_job(audit, job.job_id)
-    if produced:
-        log.info("job %s already produced %d outbox items; reusing them", job.job_id, len(produced))
-        return produced
+
+def run_analyses(
+    settings: Settings, audit: Audit, jobs: Sequence[JobRecord]
+) -> dict[int, list[int] | Exception]:
+    """Run several analyse jobs with one batched pass of the models.
+
+    Each job is isolated: what goes wrong with one (its files, its result objects) is
+    returned as that job's exception and the others go on. An error of the shared
+    analysis pass itself is returned for every job that was part of it.
+
+    Returns:
+        By job id: the outbox item ids of its results, or the exception that stopped it.
+    """
+    from boneflow.worker.pipeline import analyse_groups
+
+    outcomes: dict[int, list[int] | Exception] = {}
+    pending: list[tuple[JobRecord, list[Dataset], set[tuple[str, str]]]] = []
+    for job in jobs:
+        try:
+            produced = outbox_items_of_job(audit, job.job_id)
+            if produced:
+                log.info(
+                    "job %s already produced %d outbox items; reusing", job.job_id, len(produced)
+                )
+                outcomes[job.job_id] = produced
+                continue
+            pending.append((job, _load_sources(job), recorded_results(audit, job.job_id)))
+        except Exception as exc:  # noqa: BLE001 - this job only; the batch goes on
+            outcomes[job.job_id] = exc
+    if not pending:
+        return outcomes
+    decoded: dict[str, FloatArray] = {}  # each image is decoded once per job
+    try:
+        groups = analyse_groups(settings, [datasets for _, datasets, _ in pending], decoded)
+    except Exception as exc:  # noqa: BLE001 - the shared pass failed: each job in it did
+        for job, _, _ in pending:
+            outcomes[job.job_id] = exc
+        return outcomes
+    for (job, datasets, recorded), findings in zip(pending, groups, strict=True):
+        try:
+            outcomes[job.job_id] = _finish(
+                settings, audit, job, datasets, findings, recorded, decoded
+            )
+        except Exception as exc:  # noqa: BLE001 - this job only
+            outcomes[job.job_id] = exc
+    return outcomes
+
+
+def queued_analyse_jobs(audit: Audit, exclude: int, limit: int) -> list[int]:
+    """Analyse jobs still waiting for their first attempt (latest state QUEUED), oldest first."""
+    if limit <= 0:
+        return []
+    later = aliased(JobStateChange)
+    query = (
+        select(JobStateChange.job_id)
+        .join(Job, Job.id == JobStateChange.job_id)
+        .where(
+            JobStateChange.state == str(JobState.QUEUED),
+            JobStateChange.job_id != exclude,
+            Job.kind == str(JobKind.ANALYSE),
+            ~exists().where(later.job_id == JobStateChange.job_id, later.id > JobStateChange.id),
+        )
+        .order_by(JobStateChange.job_id)
+        .limit(limit)
+    )
+    with audit.session() as session:
+        return [int(job_id) for job_id in session.scalars(query)]
+
+
+def _load_sources(job: JobRecord) -> list[Dataset]:
+    from boneflow.worker.pipeline import load_datasets
+
     paths = [i.spool_path for i in job.instances if i.spool_path is not None]
     datasets = load_datasets(paths)
     if not datasets:
         raise UnreadableInstance(f"none of the {len(job.instances)} spooled files is readable")
-    recorded = recorded_results(audit, job.job_id)
-    # An earlier attempt that died after recording results: analyse again (same models,
-    # same images, same findings) but record only what is missing.
-    decoded: dict[str, FloatArray] = {}  # each image is decoded once per job
-    findings = analyse_datasets(
-        settings, None if recorded else audit, datasets, job.job_id, decoded=decoded
-    )
-    if recorded:
-        for ds, finding in zip(datasets, findings, strict=True):
-            if (finding.sop_instance_uid, _models_key(finding.models)) not in recorded:
-                record_result(audit, ds, finding, job.job_id)
+    return datasets
+
+
+def _finish(
+    settings: Settings,
+    audit: Audit,
+    job: JobRecord,
+    datasets: list[Dataset],
+    findings: list[Finding],
+    recorded: set[tuple[str, str]],
+    decoded: dict[str, FloatArray],
+) -> list[int]:
+    """Record a job's results (what an earlier attempt did not), build and queue its objects."""
+    from boneflow.dicom.results import build_result_objects
+    from boneflow.worker.outbox import enqueue_results
+    from boneflow.worker.pipeline import record_result
+
+    # An earlier attempt that died after recording results: the same models and images
+    # give the same findings; only what is missing is recorded.
+    for ds, finding in zip(datasets, findings, strict=True):
+        if (finding.sop_instance_uid, _models_key(finding.models)) not in recorded:
+            failed = finding.reason is not None and finding.reason.startswith(UNDECODABLE)
+            record_result(audit, ds, finding, job.job_id, failed=failed)
     predecessor = previous_report(settings, audit, job)
     objects = build_result_objects(
         datasets, findings, predecessor=predecessor, ae_title=settings.ae_title, pixels=decoded

@@ -13,9 +13,9 @@ import os
 import random
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -38,6 +38,7 @@ BASE_DELAY_SECONDS = 5.0
 MAX_DELAY_SECONDS = 600.0
 FINAL_DISPATCH_STATES = frozenset({DispatchStatus.SENT, DispatchStatus.GAVE_UP})
 _SUCCESS = 0x0000
+SEND_BATCH = 32  # objects per association when many results wait for one destination
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +122,86 @@ def enqueue_results(
         len(settings.destinations),
     )
     return ids
+
+
+def deliver_with_companions(
+    settings: Settings, audit: Audit, outbox_item_id: int, limit: int = SEND_BATCH
+) -> DispatchStatus:
+    """:func:`deliver` one item, together with fresh items for the same DIMSE destination.
+
+    Items never attempted yet that go to the same C-STORE destination (up to ``limit`` in
+    all) ride on the same association; each is audited as soon as it is answered. Their
+    own messages then find them SENT. Same return and errors as :func:`deliver` for
+    ``outbox_item_id``.
+    """
+    item = _load_item(audit, outbox_item_id)
+    try:
+        dimse = parse_node(item.destination).kind == "dimse"
+    except ConfigError:
+        dimse = False
+    companions = fresh_items(audit, item.destination, outbox_item_id, limit - 1) if dimse else []
+    if not companions:
+        return deliver(settings, audit, outbox_item_id)
+    statuses = send_results(settings, audit, [outbox_item_id, *companions])
+    status = statuses.get(outbox_item_id)
+    if status is None:
+        raise DestinationUnavailable(f"outbox item {outbox_item_id} is being sent elsewhere")
+    if status is DispatchStatus.FAILED:
+        raise DestinationUnavailable(f"outbox item {outbox_item_id} to {item.destination} failed")
+    return status
+
+
+def send_results(
+    settings: Settings, audit: Audit, outbox_item_ids: Sequence[int]
+) -> dict[int, DispatchStatus]:
+    """Send outbox items with one association per C-STORE destination; audit each object.
+
+    Each object's attempt is recorded (SENT, FAILED or GAVE_UP) as soon as the destination
+    answers it, so a crash midway loses no SENT row. Items already final keep their
+    status; items another process is sending are left out of the result.
+
+    Returns:
+        The status of each item this call took, by outbox item id.
+    """
+    statuses: dict[int, DispatchStatus] = {}
+    with ExitStack() as locks:
+        by_destination: dict[str, list[OutboxItem]] = {}
+        for item_id in outbox_item_ids:
+            path = settings.outbox_dir / ".locks" / f"item-{item_id}.lock"
+            if not locks.enter_context(try_file_lock(path)):
+                continue
+            item = _load_item(audit, item_id)
+            final = _final_status(audit, item_id)
+            if final is not None:
+                statuses[item_id] = final
+                continue
+            by_destination.setdefault(item.destination, []).append(item)
+        for destination, items in by_destination.items():
+            statuses.update(_send_to(settings, audit, destination, items))
+    for item_id, status in statuses.items():
+        if status in FINAL_DISPATCH_STATES:
+            (settings.outbox_dir / ".locks" / f"item-{item_id}.lock").unlink(missing_ok=True)
+    return statuses
+
+
+def fresh_items(audit: Audit, destination: str, exclude: int, limit: int) -> list[int]:
+    """Outbox items for ``destination`` with no send attempt yet, oldest first."""
+    if limit <= 0:
+        return []
+    with audit.session() as session:
+        return [
+            int(i)
+            for i in session.scalars(
+                select(OutboxItem.id)
+                .where(
+                    OutboxItem.destination == destination,
+                    OutboxItem.id != exclude,
+                    OutboxItem.id.not_in(select(DispatchAttempt.outbox_item_id)),
+                )
+                .order_by(OutboxItem.id)
+                .limit(limit)
+            )
+        ]
 
 
 def wait_for_pngs(timeout_seconds: float | None = None) -> None:
@@ -303,6 +384,70 @@ def _link_atomically(source: Path, target: Path) -> Path:
     temporary.replace(target)
     fsync_path(target.parent)
     return target
+
+
+def _send_to(
+    settings: Settings, audit: Audit, destination: str, items: list[OutboxItem]
+) -> dict[int, DispatchStatus]:
+    """One association to ``destination`` for ``items`` (their locks held by the caller)."""
+    statuses: dict[int, DispatchStatus] = {}
+    try:
+        node = parse_node(destination)
+    except ConfigError as exc:
+        for item in items:
+            statuses[item.id] = _give_up(audit, settings, item, f"cannot send: {exc}", 0.0)
+        return statuses
+    if node.kind != "dimse":
+        for item in items:
+            try:
+                statuses[item.id] = _attempt(settings, audit, item)
+            except DestinationUnavailable:
+                statuses[item.id] = DispatchStatus.FAILED
+        return statuses
+    sendable: list[tuple[OutboxItem, Path]] = []
+    for item in items:
+        path = _resolved_path(settings, item.path)
+        if path.is_file():
+            sendable.append((item, path))
+        else:
+            error = f"cannot send: {path} is missing"
+            statuses[item.id] = _give_up(audit, settings, item, error, 0.0)
+    started = time.monotonic()
+
+    def answered(index: int, status: int) -> None:
+        item = sendable[index][0]
+        elapsed_ms = _elapsed_ms(started)
+        if status == _SUCCESS or 0xB000 <= status <= 0xBFFF:  # warnings are stored
+            audit.dispatch_attempted(item.id, DispatchStatus.SENT, elapsed_ms=elapsed_ms)
+            log.info("sent %s to %s (outbox item %s)", item.sop_instance_uid, destination, item.id)
+            _remove_file_when_done(settings, audit, item.path)
+            statuses[item.id] = DispatchStatus.SENT
+            return
+        error = f"{destination} answered C-STORE status 0x{status:04X}"
+        statuses[item.id] = _failed(audit, settings, item, error, elapsed_ms)
+
+    try:
+        from boneflow.dicom.send import store_datasets
+
+        store_datasets(node, [path for _, path in sendable], settings, on_status=answered)
+    except (DestinationUnavailable, OSError) as exc:
+        for item, _ in sendable:
+            if item.id not in statuses:
+                statuses[item.id] = _failed(audit, settings, item, str(exc), _elapsed_ms(started))
+    return statuses
+
+
+def _failed(
+    audit: Audit, settings: Settings, item: OutboxItem, error: str, elapsed_ms: float
+) -> DispatchStatus:
+    """A failed attempt: FAILED, or GAVE_UP once the item is older than its maximum age."""
+    age = _age_seconds(item.recorded_at)
+    if age >= settings.outbox_max_age_seconds:
+        error = f"{error}; gave up after {age:.0f} s (OUTBOX_MAX_AGE_SECONDS)"
+        return _give_up(audit, settings, item, error, elapsed_ms)
+    audit.dispatch_attempted(item.id, DispatchStatus.FAILED, error=error, elapsed_ms=elapsed_ms)
+    log.warning("outbox item %s to %s failed: %s", item.id, item.destination, error)
+    return DispatchStatus.FAILED
 
 
 def _send(settings: Settings, destination: Destination, path: Path) -> None:

@@ -82,8 +82,11 @@ def register_tasks(app: BoneflowCelery) -> None:
         soft_time_limit=600,
     )
     def send_result(self: AnyTask, outbox_item_id: int) -> None:
-        """Send one outbox item to its destination; a no-op if it was already sent."""
-        from boneflow.worker.outbox import deliver
+        """Send one outbox item to its destination; a no-op if it was already sent.
+
+        Fresh items for the same destination go over the same association.
+        """
+        from boneflow.worker.outbox import deliver_with_companions
 
         audit = app.audit()
         with audit.session() as session:
@@ -93,7 +96,7 @@ def register_tasks(app: BoneflowCelery) -> None:
             "job_id": item.job_id if item else None,
         }
         with log_context(outbox_item_id=outbox_item_id, **context):
-            status = deliver(app.settings, audit, int(outbox_item_id))
+            status = deliver_with_companions(app.settings, audit, int(outbox_item_id))
             log.info("outbox item %s: %s", outbox_item_id, status)
 
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import io
 import logging
+import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import cv2
@@ -35,6 +36,7 @@ class ResultObjects:
 
     sr: Dataset
     secondary_captures: tuple[Dataset, ...]
+    timings_ms: Mapping[str, float] = field(default_factory=dict, compare=False)
 
     @property
     def study_instance_uid(self) -> str:
@@ -78,6 +80,7 @@ def build_result_objects(
     missing = [f.sop_instance_uid for f in findings if f.sop_instance_uid not in by_uid]
     if missing or len(findings) != len(by_uid):
         raise ValueError("findings and sources must match one to one by SOP Instance UID")
+    started = time.perf_counter()
     sc_series = str(generate_uid())
     sc_description = series_description("Grad-CAM", findings)
     captures: dict[str, Dataset] = {}
@@ -95,6 +98,7 @@ def build_result_objects(
             instance_number=len(captures) + 1,
             series_description=sc_description,
         )
+    sc_done = time.perf_counter()
     sr = build_structured_report(
         [by_uid[f.sop_instance_uid] for f in findings],
         findings,
@@ -111,7 +115,11 @@ def build_result_objects(
         sr.SOPInstanceUID,
         len(captures),
     )
-    return ResultObjects(sr=sr, secondary_captures=tuple(captures.values()))
+    timings = {
+        "sc": round((sc_done - started) * 1000 / max(1, len(captures)), 2),  # per SC
+        "sr": round((time.perf_counter() - sc_done) * 1000, 2),
+    }
+    return ResultObjects(sr=sr, secondary_captures=tuple(captures.values()), timings_ms=timings)
 
 
 def series_description(kind: str, findings: Sequence[Finding]) -> str:

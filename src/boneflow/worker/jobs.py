@@ -88,12 +88,25 @@ def run_analysis(settings: Settings, audit: Audit, job: JobRecord) -> list[int]:
     outcome = run_analyses(settings, audit, [job])[job.job_id]
     if isinstance(outcome, BaseException):
         raise outcome
-    return outcome
+    return outcome.outbox_ids
+
+
+@dataclass(frozen=True, slots=True)
+class JobOutcome:
+    """What a finished analyse job produced: its outbox items, and where its time went."""
+
+    outbox_ids: list[int]
+    timings_ms: Mapping[str, float]
+
+    def describe(self) -> str:
+        """The SUCCEEDED detail: ``2 to send; sc 31 ms, sr 40 ms``."""
+        stages = ", ".join(f"{k} {v:.0f} ms" for k, v in self.timings_ms.items())
+        return f"{len(self.outbox_ids)} to send" + (f"; {stages}" if stages else "")
 
 
 def run_analyses(
     settings: Settings, audit: Audit, jobs: Sequence[JobRecord]
-) -> dict[int, list[int] | Exception]:
+) -> dict[int, JobOutcome | Exception]:
     """Run several analyse jobs with one batched pass of the models.
 
     Each job is isolated: what goes wrong with one (its files, its result objects) is
@@ -101,11 +114,11 @@ def run_analyses(
     analysis pass itself is returned for every job that was part of it.
 
     Returns:
-        By job id: the outbox item ids of its results, or the exception that stopped it.
+        By job id: what it produced, or the exception that stopped it.
     """
     from boneflow.worker.pipeline import analyse_groups
 
-    outcomes: dict[int, list[int] | Exception] = {}
+    outcomes: dict[int, JobOutcome | Exception] = {}
     pending: list[tuple[JobRecord, list[Dataset], set[tuple[str, str]]]] = []
     for job in jobs:
         try:
@@ -114,7 +127,7 @@ def run_analyses(
                 log.info(
                     "job %s already produced %d outbox items; reusing", job.job_id, len(produced)
                 )
-                outcomes[job.job_id] = produced
+                outcomes[job.job_id] = JobOutcome(produced, {})
                 continue
             pending.append((job, _load_sources(job), recorded_results(audit, job.job_id)))
         except Exception as exc:  # noqa: BLE001 - this job only; the batch goes on
@@ -177,7 +190,7 @@ def _finish(
     findings: list[Finding],
     recorded: set[tuple[str, str]],
     decoded: dict[str, FloatArray],
-) -> list[int]:
+) -> JobOutcome:
     """Record a job's results (what an earlier attempt did not), build and queue its objects."""
     from boneflow.dicom.results import build_result_objects
     from boneflow.worker.outbox import enqueue_results
@@ -193,7 +206,8 @@ def _finish(
     objects = build_result_objects(
         datasets, findings, predecessor=predecessor, ae_title=settings.ae_title, pixels=decoded
     )
-    return list(enqueue_results(settings, audit, objects, job.job_id, background_pngs=True))
+    outbox_ids = enqueue_results(settings, audit, objects, job.job_id, background_pngs=True)
+    return JobOutcome(list(outbox_ids), objects.timings_ms)
 
 
 def recorded_results(audit: Audit, job_id: int) -> set[tuple[str, str]]:

@@ -412,11 +412,12 @@ def _send_to(
         else:
             error = f"cannot send: {path} is missing"
             statuses[item.id] = _give_up(audit, settings, item, error, 0.0)
-    started = time.monotonic()
+    started = [time.monotonic()]  # per object: since the previous answer
 
     def answered(index: int, status: int) -> None:
         item = sendable[index][0]
-        elapsed_ms = _elapsed_ms(started)
+        elapsed_ms = _elapsed_ms(started[0])
+        started[0] = time.monotonic()
         if status == _SUCCESS or 0xB000 <= status <= 0xBFFF:  # warnings are stored
             audit.dispatch_attempted(item.id, DispatchStatus.SENT, elapsed_ms=elapsed_ms)
             log.info("sent %s to %s (outbox item %s)", item.sop_instance_uid, destination, item.id)
@@ -433,7 +434,8 @@ def _send_to(
     except (DestinationUnavailable, OSError) as exc:
         for item, _ in sendable:
             if item.id not in statuses:
-                statuses[item.id] = _failed(audit, settings, item, str(exc), _elapsed_ms(started))
+                elapsed_ms = _elapsed_ms(started[0])
+                statuses[item.id] = _failed(audit, settings, item, str(exc), elapsed_ms)
     return statuses
 
 

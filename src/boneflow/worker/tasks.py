@@ -32,7 +32,7 @@ from boneflow.worker.locks import job_lock, remove_lock_file
 
 if TYPE_CHECKING:
     from boneflow.worker.app import BoneflowCelery
-    from boneflow.worker.jobs import JobRecord
+    from boneflow.worker.jobs import JobOutcome, JobRecord
 
 log = logging.getLogger(__name__)
 
@@ -150,12 +150,14 @@ def _run_locked(app: BoneflowCelery, task: AnyTask, job_id: int) -> None:
 
 
 def _run_alone(app: BoneflowCelery, task: AnyTask, job: JobRecord, attempt: int) -> None:
-    from boneflow.worker.jobs import run_analysis
+    from boneflow.worker.jobs import run_analyses
 
     audit = app.audit()
     job_id = job.job_id
     try:
-        outbox_ids = run_analysis(app.settings, audit, job)
+        outcome = run_analyses(app.settings, audit, [job])[job_id]
+        if isinstance(outcome, Exception):
+            raise outcome
     except TRANSIENT_ERRORS as exc:
         _retry(app, task, job_id, attempt, exc)
         return
@@ -169,7 +171,7 @@ def _run_alone(app: BoneflowCelery, task: AnyTask, job: JobRecord, attempt: int)
         audit.job_state_changed(job_id, JobState.FAILED, attempt=attempt, detail=detail)
         log.exception("analyse job %s failed", job_id)
         return
-    _succeeded(app, job_id, attempt, outbox_ids)
+    _succeeded(app, job_id, attempt, outcome)
 
 
 def _claim_companions(
@@ -227,13 +229,12 @@ def _run_batch(app: BoneflowCelery, jobs: list[JobRecord]) -> None:
     log.info("analysed a batch of %d jobs", len(jobs))
 
 
-def _succeeded(app: BoneflowCelery, job_id: int, attempt: int, outbox_ids: list[int]) -> None:
-    app.audit().job_state_changed(
-        job_id, JobState.SUCCEEDED, attempt=attempt, detail=f"{len(outbox_ids)} to send"
-    )
-    log.info("analyse job %s done: %d result objects to send", job_id, len(outbox_ids))
+def _succeeded(app: BoneflowCelery, job_id: int, attempt: int, outcome: JobOutcome) -> None:
+    detail = outcome.describe()
+    app.audit().job_state_changed(job_id, JobState.SUCCEEDED, attempt=attempt, detail=detail)
+    log.info("analyse job %s done: %s", job_id, detail)
     send = app.tasks[SEND_TASK]
-    for item_id in outbox_ids:
+    for item_id in outcome.outbox_ids:
         send.delay(item_id)
 
 

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -39,6 +40,7 @@ UNDECODABLE = "pixel data could not be decoded"  # = boneflow.worker.pipeline.UN
 log = logging.getLogger(__name__)
 
 COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"
+PIPELINE_CHUNK = 4  # jobs per model pass when several run together
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,21 +107,25 @@ class JobOutcome:
 
 
 def run_analyses(
-    settings: Settings, audit: Audit, jobs: Sequence[JobRecord]
+    settings: Settings,
+    audit: Audit,
+    jobs: Sequence[JobRecord],
+    on_done: Callable[[JobRecord, JobOutcome | Exception], None] | None = None,
 ) -> dict[int, JobOutcome | Exception]:
     """Run several analyse jobs with one batched pass of the models.
 
     Each job is isolated: what goes wrong with one (its files, its result objects) is
-    returned as that job's exception and the others go on. An error of the shared
-    analysis pass itself is returned for every job that was part of it.
+    returned as that job's exception and the others go on. An error of a shared
+    analysis pass is returned for every job of its chunk. The models see chunks of
+    ``PIPELINE_CHUNK`` jobs, one chunk ahead of the building of the result objects.
+    ``on_done`` is called with each job's outcome as soon as it is known, so that its
+    results need not wait for the rest of the batch.
 
     Returns:
         By job id: what it produced, or the exception that stopped it.
     """
-    from boneflow.worker.pipeline import analyse_groups
-
-    outcomes: dict[int, JobOutcome | Exception] = {}
-    pending: list[tuple[JobRecord, list[Dataset], set[tuple[str, str]]]] = []
+    outcomes = _Outcomes(on_done)
+    pending: list[_Pending] = []
     for job in jobs:
         try:
             produced = outbox_items_of_job(audit, job.job_id)
@@ -127,28 +133,64 @@ def run_analyses(
                 log.info(
                     "job %s already produced %d outbox items; reusing", job.job_id, len(produced)
                 )
-                outcomes[job.job_id] = JobOutcome(produced, {})
+                outcomes.set(job, JobOutcome(produced, {}))
                 continue
             pending.append((job, _load_sources(job), recorded_results(audit, job.job_id)))
         except Exception as exc:  # noqa: BLE001 - this job only; the batch goes on
-            outcomes[job.job_id] = exc
-    if not pending:
+            outcomes.set(job, exc)
+    chunks = [pending[i : i + PIPELINE_CHUNK] for i in range(0, len(pending), PIPELINE_CHUNK)]
+    if not chunks:
         return outcomes
-    decoded: dict[str, FloatArray] = {}  # each image is decoded once per job
-    try:
-        groups = analyse_groups(settings, [datasets for _, datasets, _ in pending], decoded)
-    except Exception as exc:  # noqa: BLE001 - the shared pass failed: each job in it did
-        for job, _, _ in pending:
-            outcomes[job.job_id] = exc
-        return outcomes
-    for (job, datasets, recorded), findings in zip(pending, groups, strict=True):
-        try:
-            outcomes[job.job_id] = _finish(
-                settings, audit, job, datasets, findings, recorded, decoded
-            )
-        except Exception as exc:  # noqa: BLE001 - this job only
-            outcomes[job.job_id] = exc
+    # The models run on a helper thread, one chunk ahead, while this thread builds and
+    # stores the previous chunk's SR and SCs: torch, OpenCV and zlib release the GIL.
+    with ThreadPoolExecutor(1, thread_name_prefix="boneflow-analyser") as analyser:
+        ahead = analyser.submit(_analyse_chunk, settings, chunks[0])
+        for number, chunk in enumerate(chunks):
+            current = ahead
+            if number + 1 < len(chunks):
+                ahead = analyser.submit(_analyse_chunk, settings, chunks[number + 1])
+            try:
+                groups, decoded = current.result()
+            except Exception as exc:  # noqa: BLE001 - the shared pass failed: each job in it did
+                for job, _, _ in chunk:
+                    outcomes.set(job, exc)
+                continue
+            for (job, datasets, recorded), findings in zip(chunk, groups, strict=True):
+                try:
+                    outcome: JobOutcome | Exception = _finish(
+                        settings, audit, job, datasets, findings, recorded, decoded
+                    )
+                except Exception as exc:  # noqa: BLE001 - this job only
+                    outcome = exc
+                outcomes.set(job, outcome)
     return outcomes
+
+
+_Pending = tuple[JobRecord, list[Dataset], set[tuple[str, str]]]
+
+
+class _Outcomes(dict[int, "JobOutcome | Exception"]):
+    """Outcomes by job id that report each one as it is set."""
+
+    def __init__(self, on_done: Callable[[JobRecord, JobOutcome | Exception], None] | None):
+        super().__init__()
+        self.on_done = on_done
+
+    def set(self, job: JobRecord, outcome: JobOutcome | Exception) -> None:
+        self[job.job_id] = outcome
+        if self.on_done is not None:
+            self.on_done(job, outcome)
+
+
+def _analyse_chunk(
+    settings: Settings, chunk: Sequence[_Pending]
+) -> tuple[list[list[Finding]], dict[str, FloatArray]]:
+    """The findings of a chunk of jobs and their decoded pixels (each image decoded once)."""
+    from boneflow.worker.pipeline import analyse_groups
+
+    decoded: dict[str, FloatArray] = {}
+    groups = analyse_groups(settings, [datasets for _, datasets, _ in chunk], decoded)
+    return groups, decoded
 
 
 def queued_analyse_jobs(audit: Audit, exclude: int, limit: int) -> list[int]:

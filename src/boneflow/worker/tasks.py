@@ -212,13 +212,12 @@ def _run_batch(app: BoneflowCelery, jobs: list[JobRecord]) -> None:
     from boneflow.worker.jobs import run_analyses
 
     audit = app.audit()
-    outcomes = run_analyses(app.settings, audit, jobs)
-    for job in jobs:
-        outcome = outcomes[job.job_id]
+
+    def done(job: JobRecord, outcome: JobOutcome | Exception) -> None:
         with log_context(study_instance_uid=job.study_instance_uid, job_id=job.job_id):
             if not isinstance(outcome, Exception):
                 _succeeded(app, job.job_id, 1, outcome)
-                continue
+                return
             detail = (
                 f"{type(outcome).__name__}: {outcome}; failed in a batch of {len(jobs)}, "
                 "runs again alone"
@@ -226,6 +225,8 @@ def _run_batch(app: BoneflowCelery, jobs: list[JobRecord]) -> None:
             log.warning("analyse job %s: %s", job.job_id, detail)
             audit.job_state_changed(job.job_id, JobState.RETRYING, attempt=1, detail=detail)
             app.tasks[ANALYSE_TASK].apply_async((job.job_id,))
+
+    run_analyses(app.settings, audit, jobs, on_done=done)
     log.info("analysed a batch of %d jobs", len(jobs))
 
 

@@ -29,6 +29,7 @@ from boneflow.worker.outbox import (
     next_delay_seconds,
     outbox_summary,
     pending_items,
+    wait_for_pngs,
 )
 from tests.conftest import free_port, wait_for
 from tests.dicom.results_data import analysed_finding, radiograph
@@ -285,3 +286,19 @@ def test_many_results_go_over_one_association_each_audited(
         assert not list(settings.outbox_dir.rglob("*.lock"))
     finally:
         store.server.shutdown()
+
+
+def test_background_pngs_are_written_from_the_kept_scs(
+    objects: ResultObjects, tmp_path: Path
+) -> None:
+    settings = make_settings(tmp_path / "data")
+    upgrade(settings.resolved_database_url)
+    audit = Audit.open(settings.resolved_database_url)
+    try:
+        assert enqueue_results(settings, audit, objects, job_id=None, background_pngs=True) == []
+        wait_for_pngs(60)
+        (png,) = settings.results_dir.rglob("*.png")
+        assert png.name == f"SC-{objects.secondary_captures[0].SOPInstanceUID}.png"
+        assert png.read_bytes().startswith(b"\x89PNG")
+    finally:
+        audit.close()

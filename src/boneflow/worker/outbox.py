@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import threading
 import time
 import uuid
 from collections.abc import Iterator, Sequence
@@ -27,7 +28,13 @@ from sqlalchemy import func, select
 from boneflow.config import Destination, Settings, parse_node
 from boneflow.db.audit import Audit, DispatchStatus
 from boneflow.db.schema import DispatchAttempt, OutboxItem
-from boneflow.dicom.results import ResultObjects, file_name, to_bytes, write_heatmap_pngs
+from boneflow.dicom.results import (
+    ResultObjects,
+    file_name,
+    to_bytes,
+    write_heatmap_png,
+    write_heatmap_pngs,
+)
 from boneflow.errors import ConfigError, DestinationRefused, DestinationUnavailable
 from boneflow.fsio import fsync_path, write_atomically
 from boneflow.worker.locks import try_file_lock
@@ -38,6 +45,7 @@ BASE_DELAY_SECONDS = 5.0
 MAX_DELAY_SECONDS = 600.0
 FINAL_DISPATCH_STATES = frozenset({DispatchStatus.SENT, DispatchStatus.GAVE_UP})
 _SUCCESS = 0x0000
+PNG_NICE = 19  # the SC PNGs are written when the CPU has nothing better to do
 SEND_BATCH = 32  # objects per association when many results wait for one destination
 
 
@@ -78,8 +86,10 @@ def enqueue_results(
         audit: the audit log.
         objects: one study's SR and SCs.
         job_id: the job that produced them.
-        background_pngs: write the SC PNGs (for people to look at) on a helper thread,
-            so that they do not delay the results; see :func:`wait_for_pngs`.
+        background_pngs: write the SC PNGs (for people to look at) later, from the kept
+            SC files, on a helper thread at the lowest CPU priority, so that they never
+            delay results; see :func:`wait_for_pngs`. PNGs still pending when the
+            process dies are not written (the SCs themselves are kept and sent).
 
     Returns:
         The outbox item ids (existing ones included), SCs before the SR of each destination.
@@ -88,7 +98,8 @@ def enqueue_results(
     kept = settings.results_dir / _folder_name(study)
     kept_paths = [write_atomically(kept / file_name(ds), to_bytes(ds)) for ds in objects.datasets]
     if background_pngs:
-        _pngs_pending.append(_png_writer().submit(_write_pngs, objects, kept))
+        captures = kept_paths[: len(objects.secondary_captures)]  # SCs come first
+        _pngs_pending.append(_png_writer().submit(_write_pngs, captures, kept))
     else:
         write_heatmap_pngs(objects, kept)
     if not settings.destinations:
@@ -359,18 +370,29 @@ _pngs_pending: list[Future[None]] = []
 def _png_writer() -> ThreadPoolExecutor:
     global _png_executor
     if _png_executor is None:
-        _png_executor = ThreadPoolExecutor(1, thread_name_prefix="boneflow-png")
+        _png_executor = ThreadPoolExecutor(
+            1, thread_name_prefix="boneflow-png", initializer=_lowest_priority
+        )
     done = [f for f in _pngs_pending if f.done()]
     for future in done:
         _pngs_pending.remove(future)
     return _png_executor
 
 
-def _write_pngs(objects: ResultObjects, folder: Path) -> None:
+def _lowest_priority() -> None:
+    """Nice this thread (Linux: per thread) so that PNGs only use CPU nobody else wants."""
     try:
-        write_heatmap_pngs(objects, folder)
-    except (OSError, ValueError) as exc:  # a picture for people; the results are kept
-        log.warning("cannot write the SC PNGs of study %s: %s", objects.study_instance_uid, exc)
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), PNG_NICE)
+    except (OSError, AttributeError) as exc:  # not Linux, or not allowed: full priority
+        log.debug("PNG thread keeps its priority: %s", exc)
+
+
+def _write_pngs(captures: list[Path], folder: Path) -> None:
+    for path in captures:
+        try:
+            write_heatmap_png(dcmread(path), folder)
+        except (OSError, ValueError, InvalidDicomError) as exc:  # a picture for people
+            log.warning("cannot write the PNG of %s: %s", path.name, exc)
 
 
 def _link_atomically(source: Path, target: Path) -> Path:

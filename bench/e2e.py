@@ -3,7 +3,8 @@
 
 Reports images/min and p50/p95 of the time from a study's settle moment (its analyse job
 created) to its last result object stored at the destination, plus the same for the
-time from the image's arrival. Usage::
+time from the image's arrival, the load average (the machine is shared) and the median
+of each stage from the audit log. Usage::
 
     .venv/bin/python bench/e2e.py --studies 100            # burst (one storescu run)
     .venv/bin/python bench/e2e.py --studies 30 --rate 0.5  # paced: one study every 2 s
@@ -41,7 +42,14 @@ from tests.worker.nodes import BoneflowProcess, wait_for_echo  # noqa: E402
 from boneflow.config import Destination, Settings  # noqa: E402
 from boneflow.db.audit import Audit  # noqa: E402
 from boneflow.db.migrate import upgrade  # noqa: E402
-from boneflow.db.schema import Instance, Job  # noqa: E402
+from boneflow.db.schema import (  # noqa: E402
+    DispatchAttempt,
+    Instance,
+    Job,
+    JobStateChange,
+    OutboxItem,
+    Result,
+)
 from boneflow.dicom.receiver import start_receiver  # noqa: E402
 
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.33"
@@ -98,9 +106,10 @@ def run(args: argparse.Namespace, work: Path) -> int:
             got = {r.study_instance_uid for r in receiver.received() if r.sop_class_uid == SR_CLASS}
             return studies <= got
 
+        load_before = os.getloadavg()
         wait_for(done, "all results", 60 + 10 * len(files))
         time.sleep(1.0)  # let the last SCs land
-        report(settings, receiver, studies, started, sent, args)
+        report(settings, receiver, studies, started, sent, args, load_before)
     finally:
         node.terminate(60)
         node.close()
@@ -165,8 +174,9 @@ def report(
     started: float,
     sent: float,
     args: argparse.Namespace,
+    load_before: tuple[float, float, float] = (0.0, 0.0, 0.0),
 ) -> None:
-    """Print the figures as JSON and as a Markdown table row."""
+    """Print the figures as JSON and as a Markdown table row, then the stage medians."""
     arrived: dict[str, float] = {}
     for r in receiver.received():  # type: ignore[attr-defined]
         if r.study_instance_uid in studies:
@@ -200,9 +210,87 @@ def report(
         "arrival_to_results_p50_s": round(_quantile(from_arrival, 0.5), 2),
         "arrival_to_results_p95_s": round(_quantile(from_arrival, 0.95), 2),
         "cpu_count": os.cpu_count(),
+        "load_1min_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
+        "utc": datetime.now(UTC).strftime("%Y-%m-%d %H:%M"),
     }
     print(json.dumps(figures, indent=2))
     print("| " + " | ".join(str(v) for v in figures.values()) + " |")
+    print(json.dumps({"stage_medians_ms": stage_medians(settings, studies)}, indent=2))
+
+
+def stage_medians(settings: Settings, studies: set[str]) -> dict[str, float | None]:
+    """Median of each stage of a study's way, from the audit log (milliseconds).
+
+    settle wait: image stored → job created; queue wait: job created → running; job:
+    running → succeeded; analyser per image and SC/SR as the worker timed them; to
+    destination: succeeded → last object SENT; C-STORE: one object's send.
+    """
+    audit = Audit.open(settings.resolved_database_url)
+    stages: dict[str, list[float]] = {k: [] for k in STAGES}
+    with audit.session() as session:
+        jobs = {
+            job_id: (study, _epoch(created))
+            for job_id, study, created in session.execute(
+                select(Job.id, Job.study_instance_uid, Job.recorded_at)
+            )
+            if study in studies
+        }
+        stored = {
+            study: _epoch(when)
+            for study, when in session.execute(
+                select(Instance.study_instance_uid, Instance.recorded_at)
+            )
+        }
+        states: dict[int, dict[str, tuple[float, str | None]]] = {}
+        for job_id, state, when, detail in session.execute(
+            select(
+                JobStateChange.job_id,
+                JobStateChange.state,
+                JobStateChange.recorded_at,
+                JobStateChange.detail,
+            ).order_by(JobStateChange.id)
+        ):
+            states.setdefault(job_id, {}).setdefault(state, (_epoch(when), detail))
+        sent: dict[int, float] = {}
+        for job_id, when, elapsed in session.execute(
+            select(OutboxItem.job_id, DispatchAttempt.recorded_at, DispatchAttempt.elapsed_ms)
+            .join(DispatchAttempt, DispatchAttempt.outbox_item_id == OutboxItem.id)
+            .where(DispatchAttempt.status == "sent")
+        ):
+            if job_id in jobs:
+                sent[job_id] = max(sent.get(job_id, 0.0), _epoch(when))
+                stages["c_store"].append(float(elapsed or 0.0))
+        for job_id, timings in session.execute(select(Result.job_id, Result.timings_ms)):
+            if job_id in jobs:
+                stages["analyser_per_image"].append(float(json.loads(timings).get("total", 0.0)))
+    audit.close()
+    for job_id, (study, created) in jobs.items():
+        mine = states.get(job_id, {})
+        stages["settle_wait"].append((created - stored[study]) * 1000)
+        if "running" in mine:
+            stages["queue_wait"].append((mine["running"][0] - created) * 1000)
+        if "running" in mine and "succeeded" in mine:
+            done, detail = mine["succeeded"]
+            stages["job"].append((done - mine["running"][0]) * 1000)
+            for part in (detail or "").partition(";")[2].split(","):
+                name, _, value = part.strip().partition(" ")
+                if name in ("sc", "sr") and value.endswith(" ms"):
+                    stages[name].append(float(value[:-3]))
+            if job_id in sent:
+                stages["to_destination"].append((sent[job_id] - done) * 1000)
+    return {k: round(statistics.median(v), 1) if v else None for k, v in stages.items()}
+
+
+STAGES = (
+    "settle_wait",
+    "queue_wait",
+    "job",
+    "analyser_per_image",
+    "sc",
+    "sr",
+    "to_destination",
+    "c_store",
+)
 
 
 def _quantile(values: list[float], q: float) -> float:

@@ -185,3 +185,16 @@ def test_store_datasets_raises_when_the_association_is_rejected(
     ours = Destination(kind="dimse", ae_title="BONEFLOW", host="127.0.0.1", port=running.port)
     with pytest.raises(DestinationUnavailable, match="rejected the association"):
         store_datasets(ours, [radiograph("RG1_UNCR.dcm")], settings)
+
+
+def test_store_datasets_calls_back_as_each_object_is_answered(
+    storescp: Storescp, settings: Settings
+) -> None:
+    answered: list[tuple[int, int, int]] = []
+
+    def on_status(index: int, status: int) -> None:
+        answered.append((index, status, len(storescp.received())))
+
+    items: list[Path | Dataset] = [_secondary_capture() for _ in range(3)]
+    assert store_datasets(storescp.destination, items, settings, on_status=on_status) == [0] * 3
+    assert [(index, status) for index, status, _ in answered] == [(0, 0), (1, 0), (2, 0)]

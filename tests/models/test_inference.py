@@ -228,3 +228,22 @@ def test_heatmap_of_a_non_square_image_is_on_its_source_grid(
     peak = np.unravel_index(int(np.argmax(finding.heatmap)), finding.heatmap.shape)
     assert box.row_min - 10 <= peak[0] <= box.row_max + 10
     assert box.col_min - 10 <= peak[1] <= box.col_max + 10
+
+
+def test_the_router_input_is_used_again_when_preprocessing_matches(
+    analyzer: Analyzer, radiograph_pixels: Pixels, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import boneflow.models.inference as inference
+
+    calls: list[int] = []
+    original = inference.preprocess
+
+    def counted(*args: object, **kwargs: object) -> object:
+        calls.append(1)
+        return original(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(inference, "preprocess", counted)
+    rg3 = next(name for name in RADIOGRAPHS if name.startswith("RG3"))
+    (finding,) = analyzer.analyse([_input(rg3, radiograph_pixels)])
+    assert finding.status == FindingStatus.ANALYSED  # router and fracture model both ran
+    assert len(calls) == 1  # the test models share their preprocessing

@@ -24,10 +24,12 @@ from boneflow.errors import DestinationUnavailable
 from boneflow.worker.outbox import (
     MAX_DELAY_SECONDS,
     deliver,
+    deliver_with_companions,
     enqueue_results,
     next_delay_seconds,
     outbox_summary,
     pending_items,
+    wait_for_pngs,
 )
 from tests.conftest import free_port, wait_for
 from tests.dicom.results_data import analysed_finding, radiograph
@@ -238,5 +240,65 @@ def test_a_second_delivery_of_an_item_in_flight_waits(
             with pytest.raises(DestinationUnavailable, match="being sent elsewhere"):
                 deliver(settings, audit, item_id)
             assert attempts(audit) == 0  # no attempt was made, so none is audited
+    finally:
+        audit.close()
+
+
+class CountingStore:
+    """A Storage SCP that stores nothing, answers success and counts associations."""
+
+    def __init__(self) -> None:
+        self.associations: set[int] = set()
+        self.calls = 0
+        self._lock = threading.Lock()
+        ae = AE(ae_title="COUNTER")
+        ae.supported_contexts = AllStoragePresentationContexts
+        self.server = ae.start_server(
+            ("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, self._on_store)]
+        )
+        self.port = int(self.server.server_address[1])
+
+    def _on_store(self, event: Event) -> int:
+        with self._lock:
+            self.calls += 1
+            self.associations.add(id(event.assoc))
+        return 0x0000
+
+
+def test_many_results_go_over_one_association_each_audited(
+    db: Audit, database_url: str, tmp_path: Path
+) -> None:
+    store = CountingStore()
+    try:
+        settings = node_settings(tmp_path, database_url, f"COUNTER@127.0.0.1:{store.port}")
+        source = radiograph("RG3_UNCR.dcm")
+        ids: list[int] = []
+        for _ in range(3):  # three analyses: six objects for one destination
+            objects = build_result_objects([source], [analysed_finding(source)])
+            ids += enqueue_results(settings, db, objects, job_id=None)
+        assert deliver_with_companions(settings, db, ids[0]) is DispatchStatus.SENT
+        assert (store.calls, len(store.associations)) == (6, 1)
+        assert attempts(db, DispatchStatus.SENT) == 6  # one audit row per object
+        for item_id in ids:  # their own messages: nothing more is sent
+            assert deliver_with_companions(settings, db, item_id) is DispatchStatus.SENT
+        assert (store.calls, attempts(db)) == (6, 6)
+        assert not list(settings.outbox_dir.rglob("*.dcm"))
+        assert not list(settings.outbox_dir.rglob("*.lock"))
+    finally:
+        store.server.shutdown()
+
+
+def test_background_pngs_are_written_from_the_kept_scs(
+    objects: ResultObjects, tmp_path: Path
+) -> None:
+    settings = make_settings(tmp_path / "data")
+    upgrade(settings.resolved_database_url)
+    audit = Audit.open(settings.resolved_database_url)
+    try:
+        assert enqueue_results(settings, audit, objects, job_id=None, background_pngs=True) == []
+        wait_for_pngs(60)
+        (png,) = settings.results_dir.rglob("*.png")
+        assert png.name == f"SC-{objects.secondary_captures[0].SOPInstanceUID}.png"
+        assert png.read_bytes().startswith(b"\x89PNG")
     finally:
         audit.close()

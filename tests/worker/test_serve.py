@@ -127,3 +127,50 @@ def test_serve_round_trip_survives_sigkill_and_stops_cleanly(
     finally:
         node.close()
         audit.close()
+
+
+def test_a_burst_killed_mid_batch_gives_each_study_one_set_of_results(
+    serve_settings: Settings, receiver: Receiver, tmp_path: Path
+) -> None:
+    from sqlalchemy import select
+
+    from boneflow.db.schema import JobStateChange
+
+    audit = Audit.open(serve_settings.resolved_database_url)
+    node = BoneflowProcess(["serve"], serve_settings, tmp_path / "serve-1.log")
+    studies = [make_study(1, patient_id=f"BURST-{n}", shrink=2) for n in range(20)]
+    uids = [str(study[0].StudyInstanceUID) for study in studies]
+    try:
+        wait_for_echo(serve_settings, node)
+        send(serve_settings, [study[0] for study in studies])  # one association, a burst
+
+        def batch_running() -> bool:
+            with audit.session() as session:
+                rows = session.execute(
+                    select(JobStateChange.job_id, JobStateChange.detail).where(
+                        JobStateChange.state == str(JobState.RUNNING)
+                    )
+                ).all()
+            return any("in a batch" in (detail or "") for _, detail in rows) and any(
+                audit.job_state(job_id) == (JobState.RUNNING, 1) for job_id, _ in rows
+            )
+
+        wait_for(batch_running, "a batch of jobs to run", 180)
+        node.kill_group()  # SIGKILL the whole tree mid-batch
+        node.close()
+
+        node = BoneflowProcess(["serve"], serve_settings, tmp_path / "serve-2.log")
+        wait_for_echo(serve_settings, node)
+        for uid in uids:
+            wait_for_results(receiver, uid, 1, node)
+        for uid in uids:
+            ((job_id, _state, _attempt),) = jobs_of(audit, uid)
+            wait_for(lambda j=job_id: audit.job_state(j)[0] == JobState.SUCCEEDED, "success", 60)
+            assert received(receiver, uid) == (1, 1), uid  # one SR, one SC
+            assert result_rows(audit, uid) == 1, uid
+        objects = [r for r in receiver.received() if r.study_instance_uid in set(uids)]
+        assert len({r.sop_instance_uid for r in objects}) == len(objects) == 2 * len(uids)
+        assert node.terminate(timeout_seconds=60) == 0
+    finally:
+        node.close()
+        audit.close()

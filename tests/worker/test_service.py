@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 from pathlib import Path
 
@@ -39,3 +40,10 @@ def test_a_port_that_is_taken_is_a_clear_error(settings: Settings) -> None:
         with pytest.raises(BoneflowError, match=r"cannot listen on 127\.0\.0\.1"):
             node.start()
         node.stop()
+
+
+def test_serve_leaves_one_cpu_to_the_listener_and_dispatcher() -> None:
+    from boneflow.worker.service import analysis_threads
+
+    cpus = len(os.sched_getaffinity(0))
+    assert analysis_threads() == max(1, cpus - 1)

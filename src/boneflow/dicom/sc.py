@@ -102,23 +102,29 @@ def render_overlay(
     Returns:
         An RGB ``uint8`` array (rows, columns, 3).
     """
-    gray = _to_unit(pixels)
-    rows, cols = gray.shape
+    if pixels.ndim != 2:
+        raise ValueError(f"expected a 2-D image, got shape {pixels.shape}")
+    rows, cols = pixels.shape
     long_side = max(rows, cols)
     scale = min(max_side, max(long_side, MIN_SIDE_PIXELS)) / long_side
     size = (max(1, round(cols * scale)), max(1, round(rows * scale)))  # cv2: (width, height)
-    if scale != 1.0:
-        shrink = cv2.INTER_AREA if scale < 1.0 else cv2.INTER_LINEAR
-        gray = np.asarray(cv2.resize(gray, size, interpolation=shrink), np.float32)
-    base = np.repeat((gray * 255.0 + 0.5).astype(np.uint8)[:, :, None], 3, axis=2)
-    image: npt.NDArray[np.float32] = base.astype(np.float32)
+    # Resize first, clip after: the same picture for in-range input, on a third of the pixels.
+    gray = _to_unit(_resized(pixels, size, cv2.INTER_AREA if scale < 1.0 else cv2.INTER_LINEAR))
+    image = np.asarray(
+        cv2.cvtColor((gray * 255.0 + 0.5).astype(np.uint8), cv2.COLOR_GRAY2RGB), np.uint8
+    )
     if finding.heatmap is not None:
-        heat = _to_unit(finding.heatmap)
-        heat = np.asarray(cv2.resize(heat, size, interpolation=cv2.INTER_LINEAR), np.float32)
-        color = _colormap(heat).astype(np.float32)
-        alpha = _MAX_ALPHA * np.clip((heat - _LOW_HEAT) / (1.0 - _LOW_HEAT), 0.0, 1.0)
-        image = (image * (1.0 - alpha[:, :, None]) + color * alpha[:, :, None]).astype(np.float32)
-    picture = np.clip(image + 0.5, 0, 255).astype(np.uint8)
+        heat = _to_unit(_resized(finding.heatmap, size, cv2.INTER_LINEAR))
+        alpha = np.clip((heat - _LOW_HEAT) * (_MAX_ALPHA / (1.0 - _LOW_HEAT)), 0.0, _MAX_ALPHA)
+        # base + alpha * (colour - base), in place on one float32 copy
+        blended = _colormap(heat).astype(np.float32)
+        base = image.astype(np.float32)
+        blended -= base
+        blended *= alpha[:, :, None]
+        blended += base
+        blended += 0.5
+        image = np.clip(blended, 0, 255).astype(np.uint8)
+    picture = image
     if finding.hotspot is not None:
         box = finding.hotspot
         top_left = (int(box.col_min * scale), int(box.row_min * scale))
@@ -211,6 +217,15 @@ def _to_unit(values: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
     if values.ndim != 2:
         raise ValueError(f"expected a 2-D image, got shape {values.shape}")
     return np.clip(np.nan_to_num(values.astype(np.float32)), 0.0, 1.0).astype(np.float32)
+
+
+def _resized(
+    values: npt.NDArray[np.float32], size: tuple[int, int], interpolation: int
+) -> npt.NDArray[np.float32]:
+    values = np.asarray(values, dtype=np.float32)
+    if (values.shape[1], values.shape[0]) == size:
+        return values
+    return np.asarray(cv2.resize(values, size, interpolation=interpolation), np.float32)
 
 
 def _colormap(heat: npt.NDArray[np.float32]) -> npt.NDArray[np.uint8]:

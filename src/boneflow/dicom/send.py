@@ -11,7 +11,7 @@ import logging
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,6 +52,7 @@ def store_datasets(
     items: Sequence[Path | Dataset],
     settings: Settings,
     calling_ae_title: str | None = None,
+    on_status: Callable[[int, int], None] | None = None,
 ) -> list[int]:
     """C-STORE each item over one association (more when >128 contexts are needed).
 
@@ -60,6 +61,8 @@ def store_datasets(
         items: DICOM files (sent as on disk) or datasets (encoded in their transfer syntax).
         settings: timeouts, TLS files and our AE title.
         calling_ae_title: our AE title; defaults to ``settings.ae_title``.
+        on_status: called with (index, status) as soon as each item's C-STORE is answered,
+            so that a caller can record each object before the association ends.
 
     Returns:
         One C-STORE status per item, in order (0x0000 success, 0xBxxx warning,
@@ -76,6 +79,8 @@ def store_datasets(
             destination, described, batch, settings, calling_ae_title or settings.ae_title
         ):
             statuses[index] = status
+            if on_status is not None:
+                on_status(index, status)
     return statuses
 
 
@@ -140,10 +145,15 @@ def echo_command(
     except DestinationUnavailable as exc:
         print(f"boneflow: echo {destination}: {exc}", file=sys.stderr)
         return 1
+    raw_socket = assoc.dul.socket.socket
     try:
         response = assoc.send_c_echo()
     finally:
-        assoc.release()
+        try:
+            assoc.release()
+        finally:  # even when the release fails: no socket is left open
+            if raw_socket is not None:
+                raw_socket.close()
     status = int(response.Status) if "Status" in response else None
     elapsed_ms = (time.monotonic() - started) * 1000
     if status != 0:
@@ -180,10 +190,12 @@ def _store_batch(
                 raise DestinationUnavailable(f"{destination} dropped the association")
             yield index, int(response.Status)
     finally:
-        if assoc.is_established:
-            assoc.release()
-        if raw_socket is not None:
-            raw_socket.close()  # idempotent
+        try:
+            if assoc.is_established:
+                assoc.release()
+        finally:  # even when the release fails: no socket is left open
+            if raw_socket is not None:
+                raw_socket.close()  # idempotent
 
 
 def _make_ae(settings: Settings, calling_ae_title: str) -> Any:

@@ -29,6 +29,7 @@ MANUFACTURER = "boneflow project"
 PRIVATE_SCHEME = "99BONEFLOW"
 OPERATING_THRESHOLD = Code("OPERATING-THRESHOLD", PRIVATE_SCHEME, "Operating threshold")
 NOT_ANALYSED_REASON = codes.DCM.Comment
+PIXEL_DATA = 0x7FE00010
 
 PROCEDURE_REPORTED = Code("363680008", "SCT", "Radiographic imaging procedure")
 FRACTURE = Code("125605004", "SCT", "Fracture of bone")
@@ -101,6 +102,8 @@ def build_structured_report(
     Raises:
         ValueError: the findings and sources do not match one to one.
     """
+    sources = [header_of(ds) for ds in sources]  # highdicom copies what it is given
+    captures = {uid: header_of(sc) for uid, sc in secondary_captures.items()}
     by_uid = {str(ds.SOPInstanceUID): ds for ds in sources}
     if len(by_uid) != len(sources) or sorted(by_uid) != sorted(
         f.sop_instance_uid for f in findings
@@ -113,7 +116,7 @@ def build_structured_report(
     for number, finding in enumerate(findings, start=1):
         source = by_uid[finding.sop_instance_uid]
         if finding.status is FindingStatus.ANALYSED:
-            sc = secondary_captures.get(finding.sop_instance_uid)
+            sc = captures.get(finding.sop_instance_uid)
             groups.append(_analysed_group(number, source, finding, sc))
         else:
             groups.append(_not_analysed_group(number, source, finding))
@@ -126,7 +129,7 @@ def build_structured_report(
             referenced_images=[_library_header(ds) for ds in sources],
         )
         sr = hd.sr.ComprehensiveSR(
-            evidence=[*sources, *secondary_captures.values()],
+            evidence=[*sources, *captures.values()],
             content=report[0],
             series_instance_uid=series_instance_uid,
             series_number=series_number,
@@ -141,6 +144,21 @@ def build_structured_report(
     _describe(sr, series_description)
     log.debug("built SR %s with %d finding groups", sr.SOPInstanceUID, len(groups))
     return sr
+
+
+def header_of(ds: Dataset) -> Dataset:
+    """``ds`` without its pixel data: a shallow view sharing the other elements.
+
+    The SR needs only the identities and study attributes of its evidence; handing
+    highdicom whole images made it copy and scan megabytes of pixels per object.
+    """
+    if PIXEL_DATA not in ds:
+        return ds
+    header = Dataset({e.tag: e for e in ds.elements() if e.tag != PIXEL_DATA})
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None:
+        header.file_meta = meta
+    return header
 
 
 def _observation_context(ae_title: str) -> hd.sr.ObservationContext:

@@ -187,7 +187,9 @@ class Analyzer:
         for model_id, members in analyse_with.items():
             for start in range(0, len(members), self.batch_size):
                 chunk = members[start : start + self.batch_size]
-                found = self._fracture(images, chunk, manifests[model_id], router_id, timings)
+                found = self._fracture(
+                    images, chunk, manifests[model_id], router_id, timings, prepared
+                )
                 findings.update(found)
 
         total_ms = (time.perf_counter() - started) * 1000 / len(images)
@@ -265,11 +267,22 @@ class Analyzer:
         manifest: ModelManifest,
         router_id: ModelId,
         timings: Sequence[dict[str, float]],
+        routed: Sequence[tuple[FloatArray, Geometry] | str],
     ) -> dict[int, Finding]:
-        """One Grad-CAM pass (probability + map) for a batch that shares a fracture model."""
+        """One Grad-CAM pass (probability + map) for a batch that shares a fracture model.
+
+        When the fracture model preprocesses exactly as the router does, the router's
+        inputs (``routed``) are used again instead of being made twice.
+        """
         params = _params(manifest)
         t0 = time.perf_counter()
-        inputs = [preprocess(images[i].pixels, params) for i, _, _ in chunk]
+        same = params == _params(self.router_manifest)
+        inputs = [
+            routed_input
+            if same and not isinstance(routed_input := routed[i], str)
+            else preprocess(images[i].pixels, params)
+            for i, _, _ in chunk
+        ]
         prep_ms = _ms_since(t0) / len(chunk)
         self._model(manifest)
         cam = self._cams[manifest.model_id]

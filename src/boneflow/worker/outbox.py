@@ -9,10 +9,14 @@ every item that points at them is final; a copy of every result stays in
 from __future__ import annotations
 
 import logging
+import os
 import random
+import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+import uuid
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -24,8 +28,15 @@ from sqlalchemy import func, select
 from boneflow.config import Destination, Settings, parse_node
 from boneflow.db.audit import Audit, DispatchStatus
 from boneflow.db.schema import DispatchAttempt, OutboxItem
-from boneflow.dicom.results import ResultObjects, write_heatmap_pngs, write_result_files
+from boneflow.dicom.results import (
+    ResultObjects,
+    file_name,
+    to_bytes,
+    write_heatmap_png,
+    write_heatmap_pngs,
+)
 from boneflow.errors import ConfigError, DestinationRefused, DestinationUnavailable
+from boneflow.fsio import fsync_path, write_atomically
 from boneflow.worker.locks import try_file_lock
 
 log = logging.getLogger(__name__)
@@ -34,6 +45,8 @@ BASE_DELAY_SECONDS = 5.0
 MAX_DELAY_SECONDS = 600.0
 FINAL_DISPATCH_STATES = frozenset({DispatchStatus.SENT, DispatchStatus.GAVE_UP})
 _SUCCESS = 0x0000
+PNG_NICE = 19  # the SC PNGs are written when the CPU has nothing better to do
+SEND_BATCH = 32  # objects per association when many results wait for one destination
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,25 +66,47 @@ class OutboxEntry:
 
 
 def enqueue_results(
-    settings: Settings, audit: Audit, objects: ResultObjects, job_id: int | None
+    settings: Settings,
+    audit: Audit,
+    objects: ResultObjects,
+    job_id: int | None,
+    *,
+    background_pngs: bool = False,
 ) -> list[int]:
     """Keep the result files and put one outbox item per object and destination.
 
     Files go to ``results/<study>/`` (with a PNG of each SC) and, when there are
     destinations, to ``outbox/<study>/``; both are written atomically before any item is
-    recorded. Calling it again with the same objects adds nothing.
+    recorded. Each object is encoded once; the outbox copy is a hard link to the kept
+    file (a copy when the two folders are on different file systems). Calling it again
+    with the same objects adds nothing.
+
+    Args:
+        settings: where DATA_DIR is and the destinations.
+        audit: the audit log.
+        objects: one study's SR and SCs.
+        job_id: the job that produced them.
+        background_pngs: write the SC PNGs (for people to look at) later, from the kept
+            SC files, on a helper thread at the lowest CPU priority, so that they never
+            delay results; see :func:`wait_for_pngs`. PNGs still pending when the
+            process dies are not written (the SCs themselves are kept and sent).
 
     Returns:
         The outbox item ids (existing ones included), SCs before the SR of each destination.
     """
     study = objects.study_instance_uid
     kept = settings.results_dir / _folder_name(study)
-    write_result_files(objects, kept)
-    write_heatmap_pngs(objects, kept)
+    kept_paths = [write_atomically(kept / file_name(ds), to_bytes(ds)) for ds in objects.datasets]
+    if background_pngs:
+        captures = kept_paths[: len(objects.secondary_captures)]  # SCs come first
+        _pngs_pending.append(_png_writer().submit(_write_pngs, captures, kept))
+    else:
+        write_heatmap_pngs(objects, kept)
     if not settings.destinations:
         log.info("study %s: results in %s; no destinations configured", study, kept)
         return []
-    paths = write_result_files(objects, settings.outbox_dir / _folder_name(study))
+    outbox = settings.outbox_dir / _folder_name(study)
+    paths = [_link_atomically(path, outbox / path.name) for path in kept_paths]
     uids = [str(ds.SOPInstanceUID) for ds in objects.datasets]
     existing = _existing_items(audit, uids)
     ids: list[int] = []
@@ -98,6 +133,92 @@ def enqueue_results(
         len(settings.destinations),
     )
     return ids
+
+
+def deliver_with_companions(
+    settings: Settings, audit: Audit, outbox_item_id: int, limit: int = SEND_BATCH
+) -> DispatchStatus:
+    """:func:`deliver` one item, together with fresh items for the same DIMSE destination.
+
+    Items never attempted yet that go to the same C-STORE destination (up to ``limit`` in
+    all) ride on the same association; each is audited as soon as it is answered. Their
+    own messages then find them SENT. Same return and errors as :func:`deliver` for
+    ``outbox_item_id``.
+    """
+    item = _load_item(audit, outbox_item_id)
+    try:
+        dimse = parse_node(item.destination).kind == "dimse"
+    except ConfigError:
+        dimse = False
+    companions = fresh_items(audit, item.destination, outbox_item_id, limit - 1) if dimse else []
+    if not companions:
+        return deliver(settings, audit, outbox_item_id)
+    statuses = send_results(settings, audit, [outbox_item_id, *companions])
+    status = statuses.get(outbox_item_id)
+    if status is None:
+        raise DestinationUnavailable(f"outbox item {outbox_item_id} is being sent elsewhere")
+    if status is DispatchStatus.FAILED:
+        raise DestinationUnavailable(f"outbox item {outbox_item_id} to {item.destination} failed")
+    return status
+
+
+def send_results(
+    settings: Settings, audit: Audit, outbox_item_ids: Sequence[int]
+) -> dict[int, DispatchStatus]:
+    """Send outbox items with one association per C-STORE destination; audit each object.
+
+    Each object's attempt is recorded (SENT, FAILED or GAVE_UP) as soon as the destination
+    answers it, so a crash midway loses no SENT row. Items already final keep their
+    status; items another process is sending are left out of the result.
+
+    Returns:
+        The status of each item this call took, by outbox item id.
+    """
+    statuses: dict[int, DispatchStatus] = {}
+    with ExitStack() as locks:
+        by_destination: dict[str, list[OutboxItem]] = {}
+        for item_id in outbox_item_ids:
+            path = settings.outbox_dir / ".locks" / f"item-{item_id}.lock"
+            if not locks.enter_context(try_file_lock(path)):
+                continue
+            item = _load_item(audit, item_id)
+            final = _final_status(audit, item_id)
+            if final is not None:
+                statuses[item_id] = final
+                continue
+            by_destination.setdefault(item.destination, []).append(item)
+        for destination, items in by_destination.items():
+            statuses.update(_send_to(settings, audit, destination, items))
+    for item_id, status in statuses.items():
+        if status in FINAL_DISPATCH_STATES:
+            (settings.outbox_dir / ".locks" / f"item-{item_id}.lock").unlink(missing_ok=True)
+    return statuses
+
+
+def fresh_items(audit: Audit, destination: str, exclude: int, limit: int) -> list[int]:
+    """Outbox items for ``destination`` with no send attempt yet, oldest first."""
+    if limit <= 0:
+        return []
+    with audit.session() as session:
+        return [
+            int(i)
+            for i in session.scalars(
+                select(OutboxItem.id)
+                .where(
+                    OutboxItem.destination == destination,
+                    OutboxItem.id != exclude,
+                    OutboxItem.id.not_in(select(DispatchAttempt.outbox_item_id)),
+                )
+                .order_by(OutboxItem.id)
+                .limit(limit)
+            )
+        ]
+
+
+def wait_for_pngs(timeout_seconds: float | None = None) -> None:
+    """Wait until the PNGs handed to the helper thread are written."""
+    while _pngs_pending:
+        _pngs_pending.pop().result(timeout_seconds)
 
 
 def deliver(settings: Settings, audit: Audit, outbox_item_id: int) -> DispatchStatus:
@@ -240,6 +361,117 @@ def next_delay_seconds(
     """
     ceiling = min(max_seconds, base_seconds * 2.0 ** min(max(attempt, 0), 32))
     return (rng or random).uniform(ceiling / 2.0, ceiling)
+
+
+_png_executor: ThreadPoolExecutor | None = None
+_pngs_pending: list[Future[None]] = []
+
+
+def _png_writer() -> ThreadPoolExecutor:
+    global _png_executor
+    if _png_executor is None:
+        _png_executor = ThreadPoolExecutor(
+            1, thread_name_prefix="boneflow-png", initializer=_lowest_priority
+        )
+    done = [f for f in _pngs_pending if f.done()]
+    for future in done:
+        _pngs_pending.remove(future)
+    return _png_executor
+
+
+def _lowest_priority() -> None:
+    """Nice this thread (Linux: per thread) so that PNGs only use CPU nobody else wants."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), PNG_NICE)
+    except (OSError, AttributeError) as exc:  # not Linux, or not allowed: full priority
+        log.debug("PNG thread keeps its priority: %s", exc)
+
+
+def _write_pngs(captures: list[Path], folder: Path) -> None:
+    for path in captures:
+        try:
+            write_heatmap_png(dcmread(path), folder)
+        except (OSError, ValueError, InvalidDicomError) as exc:  # a picture for people
+            log.warning("cannot write the PNG of %s: %s", path.name, exc)
+
+
+def _link_atomically(source: Path, target: Path) -> Path:
+    """``target`` as a hard link to ``source`` (complete or absent), else a copy."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temporary = target.with_name(f".tmp-{uuid.uuid4().hex}{target.suffix}")
+    try:
+        os.link(source, temporary)
+    except OSError:  # another file system, or links not supported
+        return write_atomically(target, source.read_bytes())
+    temporary.replace(target)
+    fsync_path(target.parent)
+    return target
+
+
+def _send_to(
+    settings: Settings, audit: Audit, destination: str, items: list[OutboxItem]
+) -> dict[int, DispatchStatus]:
+    """One association to ``destination`` for ``items`` (their locks held by the caller)."""
+    statuses: dict[int, DispatchStatus] = {}
+    try:
+        node = parse_node(destination)
+    except ConfigError as exc:
+        for item in items:
+            statuses[item.id] = _give_up(audit, settings, item, f"cannot send: {exc}", 0.0)
+        return statuses
+    if node.kind != "dimse":
+        for item in items:
+            try:
+                statuses[item.id] = _attempt(settings, audit, item)
+            except DestinationUnavailable:
+                statuses[item.id] = DispatchStatus.FAILED
+        return statuses
+    sendable: list[tuple[OutboxItem, Path]] = []
+    for item in items:
+        path = _resolved_path(settings, item.path)
+        if path.is_file():
+            sendable.append((item, path))
+        else:
+            error = f"cannot send: {path} is missing"
+            statuses[item.id] = _give_up(audit, settings, item, error, 0.0)
+    started = [time.monotonic()]  # per object: since the previous answer
+
+    def answered(index: int, status: int) -> None:
+        item = sendable[index][0]
+        elapsed_ms = _elapsed_ms(started[0])
+        started[0] = time.monotonic()
+        if status == _SUCCESS or 0xB000 <= status <= 0xBFFF:  # warnings are stored
+            audit.dispatch_attempted(item.id, DispatchStatus.SENT, elapsed_ms=elapsed_ms)
+            log.info("sent %s to %s (outbox item %s)", item.sop_instance_uid, destination, item.id)
+            _remove_file_when_done(settings, audit, item.path)
+            statuses[item.id] = DispatchStatus.SENT
+            return
+        error = f"{destination} answered C-STORE status 0x{status:04X}"
+        statuses[item.id] = _failed(audit, settings, item, error, elapsed_ms)
+
+    try:
+        from boneflow.dicom.send import store_datasets
+
+        store_datasets(node, [path for _, path in sendable], settings, on_status=answered)
+    except (DestinationUnavailable, OSError) as exc:
+        for item, _ in sendable:
+            if item.id not in statuses:
+                elapsed_ms = _elapsed_ms(started[0])
+                statuses[item.id] = _failed(audit, settings, item, str(exc), elapsed_ms)
+    return statuses
+
+
+def _failed(
+    audit: Audit, settings: Settings, item: OutboxItem, error: str, elapsed_ms: float
+) -> DispatchStatus:
+    """A failed attempt: FAILED, or GAVE_UP once the item is older than its maximum age."""
+    age = _age_seconds(item.recorded_at)
+    if age >= settings.outbox_max_age_seconds:
+        error = f"{error}; gave up after {age:.0f} s (OUTBOX_MAX_AGE_SECONDS)"
+        return _give_up(audit, settings, item, error, elapsed_ms)
+    audit.dispatch_attempted(item.id, DispatchStatus.FAILED, error=error, elapsed_ms=elapsed_ms)
+    log.warning("outbox item %s to %s failed: %s", item.id, item.destination, error)
+    return DispatchStatus.FAILED
 
 
 def _send(settings: Settings, destination: Destination, path: Path) -> None:

@@ -20,7 +20,7 @@ from boneflow.db.audit import Audit, ResultStatus
 from boneflow.dicom.pixels import laterality, read_pixels
 from boneflow.errors import UnreadableInstance
 from boneflow.findings import Finding, FindingStatus, ModelId
-from boneflow.models.inference import Analyzer, ImageInput
+from boneflow.models.inference import Analyzer, FloatArray, ImageInput
 from boneflow.models.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -77,12 +77,35 @@ def analyse_datasets(
     audit: Audit | None,
     datasets: Sequence[Dataset],
     job_id: int | None = None,
+    decoded: dict[str, FloatArray] | None = None,
 ) -> list[Finding]:
     """Analyse a study's datasets; one :class:`Finding` per dataset, in order.
 
     An image whose pixels cannot be decoded gets a ``NOT_ANALYSED`` finding whose reason
     says so (and, with an ``audit``, a FAILED result row); the others go on. With an
-    ``audit``, one result row per image is recorded.
+    ``audit``, one result row per image is recorded. With ``decoded``, the display pixels
+    of each decoded image are put there by SOP Instance UID, so that the Secondary
+    Captures need not decode the image again.
+
+    Raises:
+        ModelNotFound: no router is registered.
+    """
+    (findings,) = analyse_groups(settings, [datasets], decoded)
+    if audit is not None:
+        for ds, finding in zip(datasets, findings, strict=True):
+            failed = _is_undecodable(finding)
+            record_result(audit, ds, finding, job_id, failed=failed)
+    return findings
+
+
+def analyse_groups(
+    settings: Settings,
+    groups: Sequence[Sequence[Dataset]],
+    decoded: dict[str, FloatArray] | None = None,
+) -> list[list[Finding]]:
+    """Analyse several groups of datasets (jobs) with one batched pass of the models.
+
+    Returns one list of findings per group, in order; see :func:`analyse_datasets`.
 
     Raises:
         ModelNotFound: no router is registered.
@@ -90,31 +113,43 @@ def analyse_datasets(
     analyzer = get_analyzer(settings)
     router = ModelId(analyzer.router_manifest.name, analyzer.router_manifest.version)
     inputs: list[ImageInput] = []
-    failed: dict[int, str] = {}
-    for index, ds in enumerate(datasets):
-        try:
-            inputs.append(to_image_input(ds))
-        except UnreadableInstance as exc:
-            log.error("%s", exc)
-            failed[index] = f"{UNDECODABLE}: {exc}"
+    failed: dict[tuple[int, int], str] = {}
+    for number, datasets in enumerate(groups):
+        for index, ds in enumerate(datasets):
+            try:
+                inputs.append(to_image_input(ds))
+                if decoded is not None:
+                    decoded[inputs[-1].sop_instance_uid] = inputs[-1].pixels
+            except UnreadableInstance as exc:
+                log.error("%s", exc)
+                failed[(number, index)] = f"{UNDECODABLE}: {exc}"
     analysed = iter(analyzer.analyse(inputs))
-    findings: list[Finding] = []
-    for index, ds in enumerate(datasets):
-        if index in failed:
-            finding = Finding(
-                sop_instance_uid=str(ds.get("SOPInstanceUID", "")),
-                status=FindingStatus.NOT_ANALYSED,
-                body_part=None,
-                body_part_confidence=0.0,
-                router=router,
-                reason=failed[index],
+    results: list[list[Finding]] = []
+    for number, datasets in enumerate(groups):
+        findings: list[Finding] = []
+        for index, ds in enumerate(datasets):
+            reason = failed.get((number, index))
+            if reason is None:
+                findings.append(next(analysed))
+                continue
+            findings.append(
+                Finding(
+                    sop_instance_uid=str(ds.get("SOPInstanceUID", "")),
+                    status=FindingStatus.NOT_ANALYSED,
+                    body_part=None,
+                    body_part_confidence=0.0,
+                    router=router,
+                    reason=reason,
+                )
             )
-        else:
-            finding = next(analysed)
-        findings.append(finding)
-        if audit is not None:
-            record_result(audit, ds, finding, job_id, failed=index in failed)
-    return findings
+        results.append(findings)
+    return results
+
+
+def _is_undecodable(finding: Finding) -> bool:
+    return finding.status is not FindingStatus.ANALYSED and (finding.reason or "").startswith(
+        UNDECODABLE
+    )
 
 
 def record_result(
@@ -146,6 +181,7 @@ def record_result(
 __all__ = [
     "UNDECODABLE",
     "analyse_datasets",
+    "analyse_groups",
     "get_analyzer",
     "load_datasets",
     "record_result",

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import multiprocessing
+import os
 import signal
 import socket
 import threading
@@ -280,10 +281,19 @@ def _spawn(
 
 def _worker_main(settings: Settings, spec: WorkerSpec) -> None:
     configure_logging(settings.log_level, settings.log_json)
+    if ANALYSIS_QUEUE in spec.queues:
+        # Leave one CPU to the listener and the dispatcher on the same machine.
+        os.environ.setdefault("OMP_NUM_THREADS", str(analysis_threads()))
     no_metrics = dataclasses.replace(settings, metrics_port=0)
     raise SystemExit(
         run_worker(no_metrics, spec.queues, spec.concurrency, pool=spec.pool, recover=False)
     )
+
+
+def analysis_threads() -> int:
+    """Torch threads of ``serve``'s analysis worker: the CPUs of this process less one."""
+    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+    return max(1, (available or os.cpu_count() or 1) - 1)
 
 
 def _stop_children(children: list[BaseProcess]) -> None:
@@ -312,6 +322,4 @@ def _stop_on_signals() -> threading.Event:
 
 
 def _pid() -> int:
-    import os
-
     return os.getpid()

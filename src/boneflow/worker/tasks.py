@@ -10,6 +10,7 @@ no-op of :func:`boneflow.worker.outbox.deliver`.
 from __future__ import annotations
 
 import logging
+from contextlib import ExitStack
 from typing import TYPE_CHECKING, Any
 
 from celery import Task
@@ -31,10 +32,16 @@ from boneflow.worker.locks import job_lock, remove_lock_file
 
 if TYPE_CHECKING:
     from boneflow.worker.app import BoneflowCelery
+    from boneflow.worker.jobs import JobOutcome, JobRecord
 
 log = logging.getLogger(__name__)
 
 AnyTask = Task[Any, Any]
+
+# A first attempt takes up to this many queued jobs (single-image studies, mostly) and
+# runs the models over all their images at once; retries run alone.
+BATCH_JOBS = 16
+POSTGRESQL_BATCH_LOCKS = 7  # of a pool of 15 connections, leave most to the audit
 
 # Errors that may pass: the database or the broker went away for a moment.
 TRANSIENT_ERRORS: tuple[type[Exception], ...] = (OperationalError, ConnectionError)
@@ -75,8 +82,11 @@ def register_tasks(app: BoneflowCelery) -> None:
         soft_time_limit=600,
     )
     def send_result(self: AnyTask, outbox_item_id: int) -> None:
-        """Send one outbox item to its destination; a no-op if it was already sent."""
-        from boneflow.worker.outbox import deliver
+        """Send one outbox item to its destination; a no-op if it was already sent.
+
+        Fresh items for the same destination go over the same association.
+        """
+        from boneflow.worker.outbox import deliver_with_companions
 
         audit = app.audit()
         with audit.session() as session:
@@ -86,7 +96,7 @@ def register_tasks(app: BoneflowCelery) -> None:
             "job_id": item.job_id if item else None,
         }
         with log_context(outbox_item_id=outbox_item_id, **context):
-            status = deliver(app.settings, audit, int(outbox_item_id))
+            status = deliver_with_companions(app.settings, audit, int(outbox_item_id))
             log.info("outbox item %s: %s", outbox_item_id, status)
 
 
@@ -110,7 +120,7 @@ def run_analyse_task(app: BoneflowCelery, task: AnyTask, job_id: int) -> None:
 
 
 def _run_locked(app: BoneflowCelery, task: AnyTask, job_id: int) -> None:
-    from boneflow.worker.jobs import load_job, run_analysis
+    from boneflow.worker.jobs import load_job
 
     audit = app.audit()
     state = audit.job_state(job_id)  # again, under the lock
@@ -125,28 +135,108 @@ def _run_locked(app: BoneflowCelery, task: AnyTask, job_id: int) -> None:
             log.error("analyse job %s failed: %s", job_id, detail)
             return
         audit.job_state_changed(job_id, JobState.RUNNING, attempt=attempt, detail=_who(task))
-        try:
-            outbox_ids = run_analysis(app.settings, audit, job)
-        except TRANSIENT_ERRORS as exc:
-            _retry(app, task, job_id, attempt, exc)
+        if attempt > 1:  # a retry runs alone, so that one bad job cannot fail others twice
+            _run_alone(app, task, job, attempt)
             return
-        except SoftTimeLimitExceeded:
-            detail = f"time limit of {ANALYSIS_SOFT_TIME_LIMIT_SECONDS} s exceeded"
-            audit.job_state_changed(job_id, JobState.FAILED, attempt=attempt, detail=detail)
-            log.error("analyse job %s failed: %s", job_id, detail)
-            return
-        except Exception as exc:  # a task edge: record the failure, keep the worker
-            detail = f"{type(exc).__name__}: {exc}"
-            audit.job_state_changed(job_id, JobState.FAILED, attempt=attempt, detail=detail)
-            log.exception("analyse job %s failed", job_id)
-            return
-        audit.job_state_changed(
-            job_id, JobState.SUCCEEDED, attempt=attempt, detail=f"{len(outbox_ids)} to send"
-        )
-        log.info("analyse job %s done: %d result objects to send", job_id, len(outbox_ids))
-        send = app.tasks[SEND_TASK]
-        for item_id in outbox_ids:
-            send.delay(item_id)
+        with ExitStack() as locks:
+            companions = _claim_companions(app, task, locks, job_id)
+            if not companions:
+                _run_alone(app, task, job, attempt)
+                return
+            _run_batch(app, [job, *companions])
+        for companion in companions:
+            if (done := audit.job_state(companion.job_id)) and done[0] in FINAL_JOB_STATES:
+                remove_lock_file(app.settings, companion.job_id)
+
+
+def _run_alone(app: BoneflowCelery, task: AnyTask, job: JobRecord, attempt: int) -> None:
+    from boneflow.worker.jobs import run_analyses
+
+    audit = app.audit()
+    job_id = job.job_id
+    try:
+        outcome = run_analyses(app.settings, audit, [job])[job_id]
+        if isinstance(outcome, Exception):
+            raise outcome
+    except TRANSIENT_ERRORS as exc:
+        _retry(app, task, job_id, attempt, exc)
+        return
+    except SoftTimeLimitExceeded:
+        detail = f"time limit of {ANALYSIS_SOFT_TIME_LIMIT_SECONDS} s exceeded"
+        audit.job_state_changed(job_id, JobState.FAILED, attempt=attempt, detail=detail)
+        log.error("analyse job %s failed: %s", job_id, detail)
+        return
+    except Exception as exc:  # a task edge: record the failure, keep the worker
+        detail = f"{type(exc).__name__}: {exc}"
+        audit.job_state_changed(job_id, JobState.FAILED, attempt=attempt, detail=detail)
+        log.exception("analyse job %s failed", job_id)
+        return
+    _succeeded(app, job_id, attempt, outcome)
+
+
+def _claim_companions(
+    app: BoneflowCelery, task: AnyTask, locks: ExitStack, lead: int
+) -> list[JobRecord]:
+    """Lock and start up to ``BATCH_JOBS - 1`` other jobs waiting for their first attempt.
+
+    A job is taken only while its lock is free and it is still QUEUED under the lock; its
+    own message, delivered later, then finds it final (or running) and does nothing.
+    """
+    from boneflow.worker.jobs import load_job, queued_analyse_jobs
+
+    audit = app.audit()
+    claimed: list[JobRecord] = []
+    wanted = BATCH_JOBS - 1
+    if audit.engine.dialect.name == "postgresql":  # each lock holds a pooled connection
+        wanted = min(wanted, POSTGRESQL_BATCH_LOCKS)
+    for job_id in queued_analyse_jobs(audit, exclude=lead, limit=2 * BATCH_JOBS):
+        if len(claimed) == wanted:
+            break
+        lock = ExitStack()
+        if not lock.enter_context(job_lock(app.settings, audit, job_id)):
+            lock.close()
+            continue
+        state = audit.job_state(job_id)
+        if state is None or state[0] is not JobState.QUEUED:
+            lock.close()
+            continue
+        locks.enter_context(lock)
+        detail = f"{_who(task)}, in a batch led by job {lead}"
+        audit.job_state_changed(job_id, JobState.RUNNING, attempt=1, detail=detail)
+        claimed.append(load_job(audit, job_id))
+    return claimed
+
+
+def _run_batch(app: BoneflowCelery, jobs: list[JobRecord]) -> None:
+    """Run first attempts together; a job that fails is queued again, to run alone."""
+    from boneflow.worker.jobs import run_analyses
+
+    audit = app.audit()
+
+    def done(job: JobRecord, outcome: JobOutcome | Exception) -> None:
+        with log_context(study_instance_uid=job.study_instance_uid, job_id=job.job_id):
+            if not isinstance(outcome, Exception):
+                _succeeded(app, job.job_id, 1, outcome)
+                return
+            detail = (
+                f"{type(outcome).__name__}: {outcome}; failed in a batch of {len(jobs)}, "
+                "runs again alone"
+            )
+            log.warning("analyse job %s: %s", job.job_id, detail)
+            audit.job_state_changed(job.job_id, JobState.RETRYING, attempt=1, detail=detail)
+            app.tasks[ANALYSE_TASK].apply_async((job.job_id,))
+
+    run_analyses(app.settings, audit, jobs, on_done=done)
+    log.info("analysed a batch of %d jobs", len(jobs))
+
+
+def _succeeded(app: BoneflowCelery, job_id: int, attempt: int, outcome: JobOutcome) -> None:
+    detail = outcome.describe()
+    app.audit().job_state_changed(job_id, JobState.SUCCEEDED, attempt=attempt, detail=detail)
+    log.info("analyse job %s done: %s", job_id, detail)
+    send = app.tasks[SEND_TASK]
+    for item_id in outcome.outbox_ids:
+        send.delay(item_id)
 
 
 def _retry(app: BoneflowCelery, task: AnyTask, job_id: int, attempt: int, exc: Exception) -> None:

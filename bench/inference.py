@@ -273,6 +273,7 @@ def main() -> int:
         torch.set_num_threads(len(os.sched_getaffinity(0)))
     architectures = [
         ("resnet10", 128),
+        ("fracnet", 384),
         ("resnet18", 192),
         ("resnet18", 224),
         ("efficientnet-b0", 224),
@@ -292,6 +293,12 @@ def main() -> int:
     results["end_to_end"] = [
         bench_end_to_end(str(device), c, args.quick)
         for c in (
+            {  # the demo's models
+                "router": "resnet10",
+                "router_size": 128,
+                "fracture": "fracnet",
+                "fracture_size": 384,
+            },
             {
                 "router": "resnet10",
                 "router_size": 128,

@@ -35,10 +35,12 @@ _SPLIT_KEYS = {"train": 1, "val": 2, "test": 3}
 class DemoPlan:
     """How many synthetic images, at what size, and how long to train.
 
-    Budget on 2 idle CPU cores (ResNet-10 with stride-2 stem, one training step per image:
-    ~12 ms at 128 px, ~17 ms at 192 px; generation ~17 ms per 384 px image): about 1 min
-    of generation, 2 min for the router and 5 min for the fracture model. The time limits
-    stop a slower machine at about 10 minutes in all, with the best epoch so far.
+    Budget on 2 idle CPU cores: generation and preprocessing ~1 min; the router
+    (ResNet-10, stride-2 stem, ~12 ms per image step at 128 px) 2 min; the fracture model
+    (FractureNet at 384 px, trained on 128 px crops around the fracture line and on bone,
+    ~3-4 ms per crop step, plus whole-image validation and hard-negative mining each
+    epoch) 6 min. The time limits stop a slower machine at about 10 minutes in all, with
+    the best epoch so far.
     """
 
     seed: int = 20261122

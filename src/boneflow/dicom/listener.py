@@ -6,8 +6,10 @@ header is checked without decoding pixels, and only after fsync, atomic link and
 STORED audit row is success returned and ``on_stored`` called (once per new instance).
 
 With ``LISTENER_PROCESSES`` > 1, the parent binds and listens on the port and that many
-spawned child processes accept from the one listening socket (one GIL each): whichever
-is free first takes the next association, so a busy process does not get it. Each child
+spawned child processes accept from the one listening socket (one GIL each); a process
+with more open associations than a sibling leaves new ones to it, so parallel senders
+are spread evenly. Each association reads through the lean receive path of
+:mod:`boneflow.dicom.acceptor` where the pynetdicom version allows. Each child
 process opens its own audit connection and calls ``on_stored`` itself, so the callback
 must then be picklable (a module-level function or a ``functools.partial`` of one) and
 safe to run in several processes; the production hand-off (the settle loop) reads the
@@ -157,6 +159,10 @@ class _Ingest:
         self._fsync_pool = ThreadPoolExecutor(
             max(2, settings.max_associations), thread_name_prefix="boneflow-fsync"
         )
+
+    def close(self) -> None:
+        """Let the fsync helper threads go (the listener has stopped)."""
+        self._fsync_pool.shutdown(wait=False)
 
     def handlers(self) -> list[tuple[Any, Callable[..., Any]]]:
         return [
@@ -661,6 +667,7 @@ def _handle_for(server: _Server) -> ListenerHandle:
             time.sleep(0.05)
         for assoc in server.active_associations:
             assoc.abort()
+        server.ingest.close()
         stopped.set()
 
     return ListenerHandle(int(server.server_address[1]), stop, stopped.wait)

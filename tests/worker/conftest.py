@@ -69,3 +69,18 @@ def receiver(tmp_path: Path) -> Iterator[Receiver]:
         yield node
     finally:
         node.stop()
+
+
+def job_states(audit: Audit, job_id: int) -> list[tuple[str, int]]:
+    """A job's audited states and attempts, oldest first."""
+    from sqlalchemy import select
+
+    from boneflow.db.schema import JobStateChange
+
+    with audit.session() as session:
+        rows = session.execute(
+            select(JobStateChange.state, JobStateChange.attempt)
+            .where(JobStateChange.job_id == job_id)
+            .order_by(JobStateChange.id)
+        ).all()
+    return [(str(state), int(attempt)) for state, attempt in rows]

@@ -14,11 +14,11 @@ from sqlalchemy import select
 
 from boneflow.config import Settings
 from boneflow.db.audit import Audit, JobKind, JobState
-from boneflow.db.schema import JobStateChange, Result
+from boneflow.db.schema import Result
 from boneflow.worker.app import ANALYSE_TASK, ANALYSIS_QUEUE, BoneflowCelery, create_app
 from boneflow.worker.embedded import queue_depth
 from boneflow.worker.tasks import run_analyse_task
-from tests.worker.conftest import make_settings, record_stored
+from tests.worker.conftest import job_states, make_settings, record_stored
 
 
 @pytest.fixture
@@ -57,16 +57,6 @@ def _study(settings: Settings, audit: Audit, n: int, readable: bool = True) -> i
     return job_id
 
 
-def _states(audit: Audit, job_id: int) -> list[tuple[str, int]]:
-    with audit.session() as session:
-        rows = session.execute(
-            select(JobStateChange.state, JobStateChange.attempt)
-            .where(JobStateChange.job_id == job_id)
-            .order_by(JobStateChange.id)
-        ).all()
-    return [(str(state), int(attempt)) for state, attempt in rows]
-
-
 def _results(audit: Audit) -> list[tuple[int | None, str]]:
     with audit.session() as session:
         rows = session.execute(select(Result.job_id, Result.sop_instance_uid)).all()
@@ -82,7 +72,7 @@ def test_a_first_attempt_takes_the_queued_jobs_with_it(app: BoneflowCelery) -> N
     jobs = [_study(settings, audit, n) for n in range(3)]
     run_analyse_task(app, app.tasks[ANALYSE_TASK], jobs[0])
     for job_id in jobs:
-        assert _states(audit, job_id) == [("queued", 0), ("running", 1), ("succeeded", 1)]
+        assert job_states(audit, job_id) == [("queued", 0), ("running", 1), ("succeeded", 1)]
     assert sorted(job_id for job_id, _ in _results(audit)) == sorted(jobs)
     reports = _reports(settings)
     assert len(reports) == 3
@@ -94,10 +84,10 @@ def test_redelivered_messages_of_a_batch_change_nothing(app: BoneflowCelery) -> 
     settings, audit = app.settings, app.audit()
     jobs = [_study(settings, audit, n) for n in range(3)]
     run_analyse_task(app, app.tasks[ANALYSE_TASK], jobs[0])
-    before = ([_states(audit, j) for j in jobs], _results(audit), _reports(settings))
+    before = ([job_states(audit, j) for j in jobs], _results(audit), _reports(settings))
     for job_id in [*jobs, jobs[0]]:  # the companions' own messages, the lead's again
         run_analyse_task(app, app.tasks[ANALYSE_TASK], job_id)
-    assert ([_states(audit, j) for j in jobs], _results(audit), _reports(settings)) == before
+    assert ([job_states(audit, j) for j in jobs], _results(audit), _reports(settings)) == before
 
 
 def test_a_bad_job_does_not_fail_the_batch_and_runs_again_alone(app: BoneflowCelery) -> None:
@@ -110,8 +100,8 @@ def test_a_bad_job_does_not_fail_the_batch_and_runs_again_alone(app: BoneflowCel
     assert audit.job_state(bad) == (JobState.RETRYING, 1)
     assert queue_depth(settings.data_dir, ANALYSIS_QUEUE) == queued + 1  # queued again
     run_analyse_task(app, app.tasks[ANALYSE_TASK], bad)  # its retry: alone
-    assert _states(audit, bad)[-2:] == [("running", 2), ("failed", 2)]
-    assert _states(audit, good) == [("queued", 0), ("running", 1), ("succeeded", 1)]
+    assert job_states(audit, bad)[-2:] == [("running", 2), ("failed", 2)]
+    assert job_states(audit, good) == [("queued", 0), ("running", 1), ("succeeded", 1)]
     assert len(_reports(settings)) == 2
 
 
@@ -121,4 +111,4 @@ def test_a_retry_runs_alone(app: BoneflowCelery) -> None:
     audit.job_state_changed(retried, JobState.RUNNING, attempt=1)  # its worker died
     run_analyse_task(app, app.tasks[ANALYSE_TASK], retried)
     assert audit.job_state(retried) == (JobState.SUCCEEDED, 2)
-    assert _states(audit, waiting) == [("queued", 0)]
+    assert job_states(audit, waiting) == [("queued", 0)]

@@ -120,13 +120,17 @@ def test_down_then_up_delivers_each_object_exactly_once(
     assert db.verify() == []
 
 
-class RefusingStore:
-    """A Storage SCP that answers every C-STORE with Out of Resources (0xA700)."""
+class CountingStore:
+    """A Storage SCP that stores nothing, answers ``status`` and counts associations."""
+
+    STATUS = 0x0000
+    AE_TITLE = "COUNTER"
 
     def __init__(self) -> None:
+        self.associations: set[int] = set()
         self.calls = 0
         self._lock = threading.Lock()
-        ae = AE(ae_title="REFUSER")
+        ae = AE(ae_title=self.AE_TITLE)
         ae.supported_contexts = AllStoragePresentationContexts
         self.server = ae.start_server(
             ("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, self._on_store)]
@@ -136,7 +140,15 @@ class RefusingStore:
     def _on_store(self, event: Event) -> int:
         with self._lock:
             self.calls += 1
-        return OUT_OF_RESOURCES
+            self.associations.add(id(event.assoc))
+        return self.STATUS
+
+
+class RefusingStore(CountingStore):
+    """A Storage SCP that answers every C-STORE with Out of Resources (0xA700)."""
+
+    STATUS = OUT_OF_RESOURCES
+    AE_TITLE = "REFUSER"
 
 
 def test_refusing_destination_gives_up_after_max_age_audited(
@@ -242,27 +254,6 @@ def test_a_second_delivery_of_an_item_in_flight_waits(
             assert attempts(audit) == 0  # no attempt was made, so none is audited
     finally:
         audit.close()
-
-
-class CountingStore:
-    """A Storage SCP that stores nothing, answers success and counts associations."""
-
-    def __init__(self) -> None:
-        self.associations: set[int] = set()
-        self.calls = 0
-        self._lock = threading.Lock()
-        ae = AE(ae_title="COUNTER")
-        ae.supported_contexts = AllStoragePresentationContexts
-        self.server = ae.start_server(
-            ("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, self._on_store)]
-        )
-        self.port = int(self.server.server_address[1])
-
-    def _on_store(self, event: Event) -> int:
-        with self._lock:
-            self.calls += 1
-            self.associations.add(id(event.assoc))
-        return 0x0000
 
 
 def test_many_results_go_over_one_association_each_audited(

@@ -11,7 +11,7 @@ from boneflow.db.audit import Audit, JobKind, JobState
 from boneflow.worker.app import ANALYSE_TASK, MAX_ANALYSIS_ATTEMPTS, BoneflowCelery, create_app
 from boneflow.worker.locks import job_lock, lock_path
 from boneflow.worker.tasks import run_analyse_task
-from tests.worker.conftest import record_stored
+from tests.worker.conftest import job_states, record_stored
 
 
 @pytest.fixture
@@ -33,25 +33,11 @@ def _job(audit: Audit, key: str = "analyse:1") -> int:
     return job_id
 
 
-def _states(audit: Audit, job_id: int) -> list[tuple[str, int]]:
-    from sqlalchemy import select
-
-    from boneflow.db.schema import JobStateChange
-
-    with audit.session() as session:
-        rows = session.execute(
-            select(JobStateChange.state, JobStateChange.attempt)
-            .where(JobStateChange.job_id == job_id)
-            .order_by(JobStateChange.id)
-        ).all()
-    return [(str(state), int(attempt)) for state, attempt in rows]
-
-
 def test_a_final_job_is_not_run_again(app: BoneflowCelery, audit: Audit) -> None:
     job_id = _job(audit)
     audit.job_state_changed(job_id, JobState.SUCCEEDED, attempt=1)
     run_analyse_task(app, app.tasks[ANALYSE_TASK], job_id)
-    assert _states(audit, job_id) == [("queued", 0), ("succeeded", 1)]
+    assert job_states(audit, job_id) == [("queued", 0), ("succeeded", 1)]
 
 
 def test_a_job_another_process_runs_is_dropped(
@@ -61,7 +47,7 @@ def test_a_job_another_process_runs_is_dropped(
     with job_lock(settings, audit, job_id) as held:
         assert held
         run_analyse_task(app, app.tasks[ANALYSE_TASK], job_id)
-    assert _states(audit, job_id) == [("queued", 0)]
+    assert job_states(audit, job_id) == [("queued", 0)]
 
 
 def test_a_job_started_too_often_fails_instead_of_looping(
@@ -80,7 +66,7 @@ def test_a_job_whose_images_are_gone_fails_with_the_reason(
 ) -> None:
     job_id = _job(audit)
     run_analyse_task(app, app.tasks[ANALYSE_TASK], job_id)
-    assert _states(audit, job_id) == [("queued", 0), ("running", 1), ("failed", 1)]
+    assert job_states(audit, job_id) == [("queued", 0), ("running", 1), ("failed", 1)]
     with audit.session() as session:
         from sqlalchemy import select
 

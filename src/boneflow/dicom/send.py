@@ -235,11 +235,14 @@ def _associate(ae: Any, destination: Destination, settings: Settings) -> Any:
 
 
 def _close_sockets_of_failed_connects() -> None:
-    """Make pynetdicom close the socket of a TCP connect that fails.
+    """Make pynetdicom close the socket of a TCP or TLS connect that fails.
 
     ``AssociationSocket.connect`` sets its socket to None without closing it when the peer
-    refuses the connection, leaking a descriptor per failed attempt (and a ResourceWarning).
-    The wrapper keeps a reference and closes it. Installed once, idempotent.
+    refuses the connection or the TLS handshake fails (e.g. an untrusted server
+    certificate), leaking a descriptor per failed attempt and a ResourceWarning. With TLS
+    the descriptor belongs to the ``SSLSocket`` that ``wrap_socket`` made (the plain socket
+    is detached), so the wrapper also records what the TLS context wraps and closes it.
+    Installed once, idempotent.
     """
     original = AssociationSocket.connect
     if getattr(original, "_boneflow", False):
@@ -247,14 +250,34 @@ def _close_sockets_of_failed_connects() -> None:
 
     def connect(self: AssociationSocket, primitive: Any) -> None:
         raw = self.socket
+        tls_args = self.tls_args
+        wrapped: list[Any] = []
+        if tls_args is not None:
+            self.tls_args = (_RecordingContext(tls_args[0], wrapped), tls_args[1])  # type: ignore[assignment]
         try:
             original(self, primitive)
         finally:
-            if raw is not None and self.socket is None:
-                raw.close()
+            self.tls_args = tls_args
+            if self.socket is None:
+                for made in (raw, *wrapped):
+                    if made is not None:
+                        made.close()
 
     connect._boneflow = True  # type: ignore[attr-defined]
     AssociationSocket.connect = connect  # type: ignore[method-assign]
+
+
+class _RecordingContext:
+    """An ``ssl.SSLContext`` stand-in for one connect: wraps as the context does, records."""
+
+    def __init__(self, context: Any, wrapped: list[Any]) -> None:
+        self._context = context
+        self._wrapped = wrapped
+
+    def wrap_socket(self, sock: Any, **kwargs: Any) -> Any:
+        made = self._context.wrap_socket(sock, **kwargs)
+        self._wrapped.append(made)
+        return made
 
 
 def _describe(item: Path | Dataset) -> _Item:

@@ -139,6 +139,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-version", dest="model_version", default=None)
     p.add_argument("--max-minutes", type=float, default=None, help="stop training after this")
     p.add_argument("--workers", type=int, default=0, help="data loader processes")
+    p.add_argument(
+        "--crop",
+        type=int,
+        default=0,
+        dest="crop_size",
+        help="train the fracture model on crops of this size around the fracture lines the "
+        "data locate (synth data; a fully-convolutional network such as fracnet)",
+    )
+    p.add_argument(
+        "--localisation-weight",
+        type=float,
+        default=None,
+        help="weight of the fracture-location loss (default 1.0 when the data locate "
+        "fractures, as synth data do; 0 turns it off)",
+    )
 
     p = command("evaluate", _evaluate, "evaluate a registered model; write a report")
     _add_data_arguments(p)
@@ -285,6 +300,8 @@ def _train(settings: Settings, args: argparse.Namespace) -> int:
         version=args.model_version,
         max_minutes=args.max_minutes,
         workers=args.workers,
+        crop_size=args.crop_size,
+        localisation_weight=args.localisation_weight,
     )
     return train_command(settings, options)
 

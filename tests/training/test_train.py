@@ -16,6 +16,7 @@ from boneflow.config import Settings
 from boneflow.findings import BODY_PARTS
 from boneflow.models.registry import Registry
 from boneflow.models.transforms import PreprocessParams
+from boneflow.training.datasets import load_records, prepare_dataset
 from boneflow.training.demo import DemoPlan, patient_rng
 from boneflow.training.engine import (
     EPOCH_LOG,
@@ -27,7 +28,7 @@ from boneflow.training.engine import (
     predict,
 )
 from boneflow.training.synth import generate_image, to_display
-from boneflow.training.train import TaskData, train_and_register
+from boneflow.training.train import ProgressBar, TaskData, task_data, train_and_register
 
 PARTS = ("hand", "lower_leg", "other")  # three clearly different shapes
 SIZE = 64
@@ -280,3 +281,43 @@ def test_train_demo_models_registers_a_router_and_a_fracture_model(tmp_path: Pat
     test = demo_test_set(fracture, PreprocessParams(input_size=64))
     assert len(test) == fracture.training["images"]["test"]
     assert set(test.difficulties) <= {"none", "easy", "moderate", "hard"}
+
+
+def test_synth_fracture_lines_become_masks_on_bone(tmp_path: Path) -> None:
+    """``boneflow synth`` labels.csv locations are drawn where the fractured bone is."""
+    root = tmp_path / "synth"
+    assert main(["synth", "--out", str(root), "--count", "48", "--seed", "3", "--size", "256",
+                 "--parts", "forearm,humerus,lower_leg", "--format", "png"]) == 0  # fmt: skip
+    records = load_records("synth", root)
+    prepared = prepare_dataset(records, source="synth", seed=0)
+    data = task_data(prepared, "fracture", PreprocessParams(input_size=128), ProgressBar(None))
+    located = 0
+    for split in (data.train, data.val, data.test):
+        assert split.masks is not None
+        for image, mask, label in zip(split.images, split.masks, split.labels, strict=True):
+            if label == 0:
+                assert not mask.any()  # no line on a sound bone
+                continue
+            assert mask.any()
+            # On the input grid, the line lies on bone: brighter than the image around it.
+            located += int(image[mask > 0].mean() > image.mean() + 20)
+    fractured = sum(int(s.labels.sum()) for s in (data.train, data.val, data.test))
+    assert fractured >= 10
+    assert located >= 0.9 * fractured
+
+
+def test_cli_trains_fracnet_on_crops_of_synth_data(tmp_path: Path) -> None:
+    root = tmp_path / "synth"
+    assert main(["synth", "--out", str(root), "--count", "40", "--seed", "5", "--size", "192",
+                 "--parts", "forearm,other", "--format", "png"]) == 0  # fmt: skip
+    common = ["--data-dir", str(tmp_path / "node"), "--data", str(root), "--format", "synth"]
+    args = ["train", *common, "--task", "fracture", "--image-size", "96", "--epochs", "2",
+            "--batch-size", "8", "--optimizer", "adamw", "--loss", "weighted-ce"]  # fmt: skip
+    assert main([*args, "--arch", "fracnet", "--crop", "48"]) == 0
+    manifest = Registry(tmp_path / "node" / "models").manifest("fracture-synth")
+    assert manifest.architecture == "fracnet"
+    assert manifest.training["crop_size"] == 48
+    # Crops need a network that scores whole images, and located fractures.
+    assert main([*args, "--arch", "resnet10", "--crop", "48"]) == 1
+    assert main(["train", "--data-dir", str(tmp_path / "node"), "--data", str(root / "x"),
+                 "--format", "synth", "--task", "fracture", "--crop", "48"]) == 1  # fmt: skip

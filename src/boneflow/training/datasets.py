@@ -105,6 +105,7 @@ class Record:
     fracture_type: str | None = None
     photometric: str = "MONOCHROME2"
     bits_stored: int | None = None
+    fracture_segment: tuple[float, float, float, float] | None = None  # x0, y0, x1, y1 px
 
 
 @dataclass(frozen=True, slots=True)
@@ -439,9 +440,24 @@ def load_synth(root: Path) -> list[Record]:
                 fracture_type=row.get("fracture_type") or None,
                 photometric=row.get("photometric") or "MONOCHROME2",
                 bits_stored=int(bits) if bits.isdigit() else None,
+                fracture_segment=_segment(row, listing),
             )
         )
     return records
+
+
+def _segment(row: Mapping[str, str], listing: Path) -> tuple[float, float, float, float] | None:
+    """The fracture line of a synth labels row (``fracture_x0`` ... ``fracture_y1``), if any."""
+    values = [row.get(f"fracture_{axis}{end}", "").strip() for end in "01" for axis in "xy"]
+    if not any(values):
+        return None
+    try:
+        x0, y0, x1, y1 = (float(v) for v in values)
+    except ValueError:
+        raise DatasetError(
+            f"{listing}: {row.get('file')}: bad fracture location {values}"
+        ) from None
+    return (x0, y0, x1, y1)
 
 
 def parse_class_name(name: str) -> tuple[str | None, bool | None]:

@@ -32,6 +32,8 @@ class TrainOptions:
     version: str | None = None
     max_minutes: float | None = None
     workers: int = 0
+    crop_size: int = 0  # > 0: fracture model on crops around known fracture lines (synth)
+    localisation_weight: float | None = None  # None: 1.0 when the data locate fractures
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,6 +20,7 @@ import numpy.typing as npt
 
 from boneflow.config import Settings
 from boneflow.findings import BODY_PARTS
+from boneflow.models.networks import evidence_layer
 from boneflow.models.registry import FRACTURE_LABELS, LoadedModel, ModelManifest, Registry
 from boneflow.models.transforms import PreprocessParams
 from boneflow.training.datasets import (
@@ -107,7 +108,7 @@ def train_dataset(settings: Settings, options: TrainOptions) -> list[ModelManife
         for task in tasks:
             data = task_data(prepared, task, params, bar)
             name = "router" if task == "router" else f"fracture-{options.dataset_format}"
-            config = fit_config(options, task, len(data.class_names))
+            config = fit_config(options, task, len(data.class_names), data.train.masks is not None)
             manifests.append(
                 train_and_register(
                     settings,
@@ -126,10 +127,33 @@ def train_dataset(settings: Settings, options: TrainOptions) -> list[ModelManife
     return manifests
 
 
-def fit_config(options: TrainOptions, task: str, num_classes: int) -> FitConfig:
-    """Hyper-parameters from the options, with the task's measured defaults."""
+def fit_config(
+    options: TrainOptions, task: str, num_classes: int, located: bool = False
+) -> FitConfig:
+    """Hyper-parameters from the options, with the task's measured defaults.
+
+    ``located``: the training images carry fracture masks (synth data), which the fracture
+    model learns from as a training-only aid (``localisation_weight``, default 1.0) and
+    which crop training (``crop_size``) needs.
+
+    Raises:
+        DatasetError: crops asked for without fracture locations or with a network that
+            cannot score a whole image after training on crops.
+    """
+    architecture = options.architecture or DEFAULT_ARCHITECTURE[task]
+    crop_size = options.crop_size if task == "fracture" else 0
+    if crop_size > 0 and not located:
+        raise DatasetError("--crop needs fracture locations (boneflow synth labels.csv)")
+    if crop_size > 0 and evidence_layer(architecture) is None:
+        raise DatasetError(
+            f"--crop needs a fully-convolutional network with an evidence map (fracnet), "
+            f"not {architecture}"
+        )
+    weight = options.localisation_weight
+    if weight is None:
+        weight = 1.0 if located else 0.0
     return FitConfig(
-        architecture=options.architecture or DEFAULT_ARCHITECTURE[task],
+        architecture=architecture,
         num_classes=num_classes,
         epochs=options.epochs or DEFAULT_EPOCHS[task],
         batch_size=options.batch_size,
@@ -139,6 +163,8 @@ def fit_config(options: TrainOptions, task: str, num_classes: int) -> FitConfig:
         seed=options.seed,
         max_minutes=options.max_minutes,
         monitor="auc" if task == "fracture" else "accuracy",
+        localisation_weight=weight if task == "fracture" and located else 0.0,
+        crop_size=crop_size,
     )
 
 
@@ -162,6 +188,8 @@ def task_data(
         covered = tuple(p for p in BODY_PARTS if any(r.body_part == p for r in usable))
     if len(names) < 2:
         raise DatasetError(f"the data set has fewer than two {task} classes")
+    # Fracture lines (synth data) become masks the fracture model can learn from.
+    located = task == "fracture" and any(r.fracture_segment is not None for r in usable)
     splits = {}
     for split in ("train", "val", "test"):
         chosen = [r for r in usable if r.split == split]
@@ -176,6 +204,7 @@ def task_data(
             [r.body_part or "unknown" for r in chosen],
             [r.difficulty or ("unknown" if r.fractured else "none") for r in chosen],
             progress=advance,
+            segments=[r.fracture_segment for r in chosen] if located else None,
         )
     return TaskData(task, names, covered, splits["train"], splits["val"], splits["test"])
 

@@ -31,8 +31,9 @@ _SYNC_FILE_RANGE_WRITE = 2
 def install_incoming_tempfiles() -> None:
     """Route pynetdicom's chunked-receive files into the association's incoming folder.
 
-    The folder is read from the association that owns the receiving (DUL) thread, as the
-    attribute :data:`INCOMING_ATTRIBUTE` set by the listener; other associations (a
+    The folder is read from the association that receives: the one that owns the current
+    (DUL) thread, or the association thread itself (the listener's blocking data phase),
+    as the attribute :data:`INCOMING_ATTRIBUTE` set by the listener; other associations (a
     pynetdicom SCP elsewhere in the process) keep the default. Idempotent.
     """
     current = getattr(pynetdicom.dimse_messages, "NamedTemporaryFile", None)
@@ -41,7 +42,8 @@ def install_incoming_tempfiles() -> None:
     original = tempfile.NamedTemporaryFile
 
     def named_temporary_file(*args: Any, **kwargs: Any) -> Any:
-        assoc = getattr(threading.current_thread(), "_assoc", None)
+        thread = threading.current_thread()
+        assoc = getattr(thread, "_assoc", thread)  # a DUL thread, or the association's own
         folder = getattr(assoc, INCOMING_ATTRIBUTE, None)
         if folder is None:
             return original(*args, **kwargs)

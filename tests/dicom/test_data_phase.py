@@ -151,6 +151,27 @@ def test_an_idle_association_parks_both_threads(
     assert len(listener.instances("stored")) == 2
 
 
+@pytest.mark.parametrize("late", [False, True])
+def test_a_peer_that_releases_at_once_is_not_kept_waiting(
+    listener: RunningListener, monkeypatch: pytest.MonkeyPatch, late: bool
+) -> None:
+    if late:  # the A-RELEASE-RQ is in before the association thread asks the DUL to park
+        real_park = acceptor._LeanReader._park_dul
+
+        def park_late(reader: Any) -> bool:
+            time.sleep(0.3)
+            return bool(real_park(reader))
+
+        monkeypatch.setattr(acceptor._LeanReader, "_park_dul", park_late)
+    for _ in range(5):
+        started = time.monotonic()
+        assoc = associate(listener.port)
+        assoc.release()
+        assert assoc.is_released
+        poll(lambda: not acceptors(), "the listener's association thread to end", 5)
+        assert time.monotonic() - started < 2
+
+
 def test_peer_abort_between_and_inside_datasets(
     listener: RunningListener, phases: list[str]
 ) -> None:

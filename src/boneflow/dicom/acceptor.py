@@ -73,6 +73,7 @@ _WAKE_SECONDS = 0.25  # how often a blocked read looks for a local abort or the 
 _PARK_SECONDS = 5.0  # how long the association thread waits for the DUL thread to park
 
 _DUL_RUNNING, _DUL_PARK_REQUESTED, _DUL_PARKED = "running", "park requested", "parked"
+_DUL_DECLINED = "declined"  # the association left Sta6 before the DUL thread could park
 
 BLOCKING_DATA_PHASE = True  # False: pynetdicom's polling reactors run the data phase too
 
@@ -236,8 +237,11 @@ class _LeanReader:
             message = dimse.message
             target = getattr(message, "_data_set_file", None) if message is not None else None
             if control & 0x03 == 0 and target is not None:
-                target.write(body[offset + 6 : item_end])  # a dataset fragment, not the last
-                target.file.flush()  # lets the write-back wrapper start writing to disk
+                # a dataset fragment, not the last: into the file under the temporary-file
+                # wrapper (its attribute lookup per call is measurable at 50 PDUs an image)
+                stream = target.file
+                stream.write(body[offset + 6 : item_end])
+                stream.flush()  # lets the write-back wrapper start writing to disk
             else:
                 primitive = P_DATA()
                 pdv: Any = [context_id, bytes(body[offset + 5 : item_end])]  # a list, it checks
@@ -363,31 +367,33 @@ class _LeanReader:
         """Stands in for ``DULServiceProvider._is_transport_event`` on the DUL thread.
 
         While the association thread runs the data phase, the DUL thread waits here, at a
-        point where it holds no PDU and has no event or primitive queued.
+        point where it holds no PDU and has no event or primitive queued. Once the
+        association has left Sta6 (the peer released or aborted at once), it declines.
         """
         dul = self._dul
         with self._phase:
-            if (
-                self._dul_state == _DUL_PARK_REQUESTED
-                and dul.state_machine.current_state == "Sta6"
-                and dul.event_queue.empty()
-            ):
-                self._dul_state = _DUL_PARKED
-                self._phase.notify_all()
-                while self._dul_state == _DUL_PARKED:
-                    self._phase.wait()
-                return True  # something may be queued: let the reactor look at once
+            if self._dul_state == _DUL_PARK_REQUESTED:
+                state = dul.state_machine.current_state
+                if state == "Sta6" and dul.event_queue.empty():
+                    self._dul_state = _DUL_PARKED
+                    self._phase.notify_all()
+                    while self._dul_state == _DUL_PARKED:
+                        self._phase.wait()
+                    return True  # something may be queued: let the reactor look at once
+                if state not in ("Sta3", "Sta6"):  # Sta3: the A-ASSOCIATE-AC is not out yet
+                    self._dul_state = _DUL_DECLINED
+                    self._phase.notify_all()
         return bool(self._stock_is_transport_event())
 
     def _park_dul(self) -> bool:
-        """Ask the DUL thread to park; False (stock reactors) if it does not in time."""
+        """Ask the DUL thread to park; False (stock reactors) if it declines or is gone."""
         with self._phase:
             self._dul_state = _DUL_PARK_REQUESTED
-            parked = self._phase.wait_for(
-                lambda: self._dul_state == _DUL_PARKED or not self._dul.is_alive(),
+            self._phase.wait_for(
+                lambda: self._dul_state in (_DUL_PARKED, _DUL_DECLINED) or not self._dul.is_alive(),
                 timeout=_PARK_SECONDS,
             )
-            if parked and self._dul_state == _DUL_PARKED:
+            if self._dul_state == _DUL_PARKED:
                 return True
             self._dul_state = _DUL_RUNNING
             return False

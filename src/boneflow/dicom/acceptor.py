@@ -406,8 +406,16 @@ class _LeanReader:
     def _serve_blocking(self) -> None:
         """Serve C-ECHO and C-STORE requests as their last PDU arrives; return to hand back."""
         self._assoc._is_paused = False
-        while self._serve_queued_requests() and not self._interrupted() and self._read_pdu():
-            pass
+        dimse = self._dimse
+        while self._serve_queued_requests() and not self._interrupted():
+            while self._read_pdu():  # the PDUs of one dataset back to back
+                message = dimse.message
+                if message is None or getattr(message, "_data_set_file", None) is None:
+                    break  # a message may be complete: serve it
+                if self._interrupted():
+                    return
+            else:
+                return  # something for pynetdicom's reactors was queued
 
     def _serve_queued_requests(self) -> bool:
         """Serve complete C-ECHO/C-STORE requests; False if anything else is waiting."""

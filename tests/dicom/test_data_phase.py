@@ -17,7 +17,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 from pynetdicom.association import Association
 from pynetdicom.dimse_messages import C_STORE_RQ
-from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dimse_primitives import C_ECHO, C_STORE
 from pynetdicom.dsutils import encode
 from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.sop_class import ComputedRadiographyImageStorage, Verification
@@ -252,6 +252,39 @@ def test_a_message_it_does_not_serve_hands_back_and_the_association_goes_on(
     assert len(listener.instances("stored")) == 2
 
 
+def test_a_message_on_a_context_that_was_not_accepted_aborts_promptly(
+    listener: RunningListener, phases: list[str]
+) -> None:
+    # pynetdicom aborts from the association's own thread and waits for the DUL thread
+    assoc = associate(listener.port)
+    echo = C_ECHO()
+    echo.MessageID = 1
+    echo.AffectedSOPClassUID = Verification
+    started = time.monotonic()
+    assoc.dimse.send_msg(echo, 99)  # no presentation context 99 was accepted
+    poll(lambda: assoc.is_aborted, "the listener's A-ABORT", 10)
+    poll(lambda: not acceptors(), "the listener's association thread to end", 10)
+    assert time.monotonic() - started < 5
+    drop(assoc)
+    assert phases == ["serving", "handed back"]
+    assert _store_one(listener.port) == 0
+
+
+def test_a_store_of_an_unknown_sop_class_aborts_promptly(
+    listener: RunningListener, phases: list[str]
+) -> None:
+    assoc = associate(listener.port)
+    pdus = _c_store_pdus(assoc, fresh(), max_pdu=16384, sop_class="1.2.3.4")
+    started = time.monotonic()
+    assoc.dul.socket.socket.sendall(b"".join(pdus))  # no service class for 1.2.3.4
+    poll(lambda: assoc.is_aborted, "the listener's A-ABORT", 10)
+    poll(lambda: not acceptors(), "the listener's association thread to end", 10)
+    assert time.monotonic() - started < 5
+    drop(assoc)
+    assert phases == ["serving", "handed back"]
+    assert not listener.instances()
+
+
 def test_oversized_pdu_in_the_data_phase_is_cut_off_and_audited(
     make_listener: Callable[..., RunningListener], phases: list[str]
 ) -> None:
@@ -269,11 +302,11 @@ def test_oversized_pdu_in_the_data_phase_is_cut_off_and_audited(
     assert _store_one(running.port) == 0
 
 
-def _c_store_pdus(assoc: Any, ds: Dataset, max_pdu: int) -> list[bytes]:
+def _c_store_pdus(assoc: Any, ds: Dataset, max_pdu: int, sop_class: str = CR) -> list[bytes]:
     """The P-DATA-TF PDUs of a C-STORE request, encoded as pynetdicom would send them."""
     request = C_STORE()
     request.MessageID = 1
-    request.AffectedSOPClassUID = CR
+    request.AffectedSOPClassUID = sop_class
     request.AffectedSOPInstanceUID = ds.SOPInstanceUID
     request.Priority = 2
     request.DataSet = BytesIO(encode(ds, False, True))  # explicit VR little endian

@@ -67,7 +67,14 @@ _DUL_ATTRIBUTES = (
     "state_machine",
     "socket",
 )
-_ASSOCIATION_ATTRIBUTES = ("_run_reactor", "_serve_request", "_kill", "_sent_abort", "acse")
+_ASSOCIATION_ATTRIBUTES = (
+    "_run_reactor",
+    "_serve_request",
+    "_kill",
+    "_sent_abort",
+    "acse",
+    "kill",
+)
 _RSP_FIELDS_NOT_ENCODED = ("ErrorComment", "OffendingElement")
 _WAKE_SECONDS = 0.25  # how often a blocked read looks for a local abort or the idle timeout
 _PARK_SECONDS = 5.0  # how long the association thread waits for the DUL thread to park
@@ -121,6 +128,7 @@ def install_lean_receive(assoc: Any, *, version: str | None = None) -> bool:
     if BLOCKING_DATA_PHASE:  # read now, so that tests can switch it off
         dul._is_transport_event = reader.park_or_check_transport
         assoc._run_reactor = reader.run_data_phase
+        assoc.kill = reader.kill
     return True
 
 
@@ -166,6 +174,8 @@ class _LeanReader:
         self._stock_send_msg = assoc.dimse.send_msg
         self._stock_run_reactor = assoc._run_reactor
         self._stock_is_transport_event = assoc.dul._is_transport_event
+        self._stock_kill = assoc.kill
+        self._restore_socket: Callable[[], None] | None = None
         self._header = bytearray(6)
         self._buffer = bytearray(0)
         self._phase = threading.Condition()
@@ -321,9 +331,9 @@ class _LeanReader:
         """
         sock = self._dul.socket.socket
         if sock is not None and self._park_dul():
-            restore = self._wake_periodically(sock)
+            self._blocking = True
             try:
-                self._blocking = True
+                self._restore_socket = self._wake_periodically(sock)
                 self._serve_blocking()
             except _HandBack as reason:
                 log.debug("data phase handed back to pynetdicom: %s", reason)
@@ -334,11 +344,29 @@ class _LeanReader:
                 log.exception("blocking data phase failed; aborting the association")
                 self._dul.event_queue.put("Evt19")
             finally:
-                self._blocking = False
-                with contextlib.suppress(OSError):
-                    restore()
-                self._unpark_dul()
+                self._end_blocking()
         self._stock_run_reactor()
+
+    def kill(self) -> None:
+        """Stands in for ``Association.kill``: first gives the socket back if this thread has it.
+
+        pynetdicom aborts from the association's own thread (a message on a presentation
+        context that was not accepted, a service class that fails) and then waits here
+        for the DUL thread to close the connection, which it cannot do while parked.
+        """
+        if self._blocking and threading.current_thread() is self._assoc:
+            self._end_blocking()
+        self._stock_kill()
+
+    def _end_blocking(self) -> None:
+        """Hand the socket back to pynetdicom's reactors and wake the DUL thread (once)."""
+        if not self._blocking:
+            return
+        self._blocking = False
+        if self._restore_socket is not None:
+            with contextlib.suppress(OSError):
+                self._restore_socket()
+        self._unpark_dul()
 
     def _wake_periodically(self, sock: socket.socket) -> Callable[[], None]:
         """Make reads return every :data:`_WAKE_SECONDS`; returns what undoes it.
@@ -420,7 +448,7 @@ class _LeanReader:
     def _serve_queued_requests(self) -> bool:
         """Serve complete C-ECHO/C-STORE requests; False if anything else is waiting."""
         dimse, dul = self._dimse, self._dul
-        while True:
+        while self._blocking:  # False once a service class has killed the association
             if not dul.event_queue.empty() or not dul.to_user_queue.empty():
                 return False  # an event (Evt19 of an invalid message) or an indication
             try:
@@ -432,11 +460,12 @@ class _LeanReader:
             dimse.msg_queue.get()
             self._assoc._serve_request(message, context_id)
             self._send_queued_p_data()
+        return False
 
     def _send_queued_p_data(self) -> None:
         """Send the P-DATA a service class queued for the (parked) DUL thread."""
         dul = self._dul
-        while dul.state_machine.current_state == "Sta6":
+        while self._blocking and dul.state_machine.current_state == "Sta6":
             try:
                 primitive = dul.to_provider_queue.queue[0]
             except IndexError:

@@ -4,7 +4,7 @@ pynetdicom (with ``STORE_RECV_CHUNKED_DATASET``) writes each incoming dataset to
 ``NamedTemporaryFile`` in the system temporary folder. Here that file is put in the
 listener's ``<spool>/.incoming`` folder instead (same file system as the spool, so storing
 is a hard link, not a copy; partial files of dead associations are found there), and the
-kernel is asked to start writing it to disk every few MiB while it arrives
+kernel is asked to start writing it to disk every MiB while it arrives
 (``sync_file_range(SYNC_FILE_RANGE_WRITE)``), so that the fsync before acknowledging
 waits only for the tail instead of the whole image.
 """
@@ -24,7 +24,7 @@ import pynetdicom.dimse_messages
 log = logging.getLogger(__name__)
 
 INCOMING_ATTRIBUTE = "_boneflow_incoming_dir"
-WRITEBACK_BYTES = 4 * 1024 * 1024
+WRITEBACK_BYTES = 1024 * 1024  # 4 MiB left the fsync 2-3 ms more to wait (1 association)
 _SYNC_FILE_RANGE_WRITE = 2
 
 

@@ -66,6 +66,9 @@ def main() -> int:
     parser.add_argument(
         "--no-prime", action="store_true", help="no untimed page-cache write before each run"
     )
+    parser.add_argument(
+        "--pause", type=float, default=0.0, help="seconds to wait after sync, before priming"
+    )
     args = parser.parse_args()
     cases = [int(a) for a in args.associations.split(",")]
     with tempfile.TemporaryDirectory(prefix="boneflow-bench-") as scratch:
@@ -78,6 +81,8 @@ def main() -> int:
             f"{'not ' if args.no_prime else ''}primed"
         )
         before_run = _settle if args.no_prime else _primer(root / "prime", megabytes)
+        if args.pause:
+            before_run = _pausing(before_run, args.pause)
         summaries: list[Summary] = []
         for associations in cases:
             if not args.no_disk:
@@ -183,6 +188,17 @@ def _disk_ceiling(folder: Path, files: list[Path], threads: int) -> float:
 
 def _settle() -> None:
     os.sync()  # neither run inherits the other's write-back
+
+
+def _pausing(before: Callable[[], None], seconds: float) -> Callable[[], None]:
+    """``sync``, wait (the host's and the disk's work of the previous run), then ``before``."""
+
+    def pause() -> None:
+        _settle()
+        time.sleep(seconds)
+        before()
+
+    return pause
 
 
 def _primer(folder: Path, megabytes: float) -> Callable[[], None]:

@@ -11,10 +11,12 @@ does neither. boneflow runs with the same LISTENER_PROCESSES for every case.
 
 Right before each timed run (receiver started, ``sync`` done) as much data as the run
 receives is written to a scratch file and deleted, untimed ("priming"): on this virtual
-machine, writing into memory that has been free for more than a second or two costs the
-kernel about twice the CPU (``copy_folio_from_iter_atomic``), so without it a run that
-follows a storescp run (which frees 1.3 GB of page cache just before) is much faster than
-one that follows a boneflow run or a pause. ``--no-prime`` measures without it.
+machine, a run's copying into the page cache costs the kernel about half the CPU when the
+run just before wrote and deleted as much (as a storescp run does) than after a boneflow
+run or a pause (``copy_folio_from_iter_atomic``), so without priming storescp was much
+faster when it ran first in a round. ``--no-prime`` measures without it. (Under
+load this removed the order effect; on the quiet machine storescp with four associations
+still varied between rounds: ``docs/benchmarks.md``. ``--pause`` waits after ``sync``.)
 
     .venv/bin/python bench/ingest.py [--count 200] [--repeat 3] [--processes N]
 """

@@ -283,6 +283,7 @@ def test_a_store_of_an_unknown_sop_class_aborts_promptly(
     drop(assoc)
     assert phases == ["serving", "handed back"]
     assert not listener.instances()
+    assert not list(listener.settings.spool_dir.joinpath(".incoming").iterdir())
 
 
 def test_oversized_pdu_in_the_data_phase_is_cut_off_and_audited(

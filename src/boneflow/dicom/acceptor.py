@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import socket
 import ssl
 import struct
@@ -459,6 +460,7 @@ class _LeanReader:
                 return False  # C-FIND, a response, ...: pynetdicom's reactor serves it
             dimse.msg_queue.get()
             self._assoc._serve_request(message, context_id)
+            _delete_unconsumed(message)
             self._send_queued_p_data()
         return False
 
@@ -527,6 +529,21 @@ def _bound_handlers(assoc: Any, event: Any) -> list[Any]:
         for handler, _args in assoc.get_handlers(event)
         if getattr(handler, "__module__", "") != _standard_handlers.__name__
     ]
+
+
+def _delete_unconsumed(message: Any) -> None:
+    """Delete a C-STORE's received file that no handler consumed.
+
+    pynetdicom deletes it after the C-STORE handler; when none ran (it aborted the
+    association instead, e.g. for a SOP class without a service class), the file would
+    stay in ``.incoming`` until the next start.
+    """
+    stream = getattr(message, "_dataset_file", None)
+    if stream is None:
+        return
+    with contextlib.suppress(OSError):
+        stream.close()
+        os.unlink(stream.name)  # FileNotFoundError after pynetdicom's own delete
 
 
 def _timeval(seconds: float) -> bytes:

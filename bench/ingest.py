@@ -9,6 +9,15 @@ load average, and the median ratio. Both dcmtk tools run with ``TCP_NODELAY=1``
 PDUs. boneflow fsyncs every instance and writes an audit row before answering; storescp
 does neither. boneflow runs with the same LISTENER_PROCESSES for every case.
 
+Right before each timed run (receiver started, ``sync`` done) as much data as the run
+receives is written to a scratch file and deleted, untimed ("priming"): on this virtual
+machine, a run's copying into the page cache costs the kernel about half the CPU when the
+run just before wrote and deleted as much (as a storescp run does) than after a boneflow
+run or a pause (``copy_folio_from_iter_atomic``), so without priming storescp was much
+faster when it ran first in a round. ``--no-prime`` measures without it. (Under
+load this removed the order effect; on the quiet machine storescp with four associations
+still varied between rounds: ``docs/benchmarks.md``. ``--pause`` waits after ``sync``.)
+
     .venv/bin/python bench/ingest.py [--count 200] [--repeat 3] [--processes N]
 """
 
@@ -56,6 +65,12 @@ def main() -> int:
         "--associations", default="1,4", help="comma-separated parallel associations"
     )
     parser.add_argument("--no-disk", action="store_true", help="skip the write+fsync ceiling")
+    parser.add_argument(
+        "--no-prime", action="store_true", help="no untimed page-cache write before each run"
+    )
+    parser.add_argument(
+        "--pause", type=float, default=0.0, help="seconds to wait after sync, before priming"
+    )
     args = parser.parse_args()
     cases = [int(a) for a in args.associations.split(",")]
     with tempfile.TemporaryDirectory(prefix="boneflow-bench-") as scratch:
@@ -64,8 +79,12 @@ def main() -> int:
         megabytes = sum(f.stat().st_size for f in files) / 1e6
         print(
             f"{len(files)} radiographs, {megabytes:.0f} MB, loopback, PDU {PDU // 1024} KiB, "
-            f"boneflow LISTENER_PROCESSES={args.processes}, {os.cpu_count()} CPUs"
+            f"boneflow LISTENER_PROCESSES={args.processes}, {os.cpu_count()} CPUs, "
+            f"{'not ' if args.no_prime else ''}primed"
         )
+        before_run = _settle if args.no_prime else _primer(root / "prime", megabytes)
+        if args.pause:
+            before_run = _pausing(before_run, args.pause)
         summaries: list[Summary] = []
         for associations in cases:
             if not args.no_disk:
@@ -83,11 +102,10 @@ def main() -> int:
                 load_before = os.getloadavg()[0]
                 for name in order:
                     run = (
-                        _boneflow(root, args.processes)
+                        _boneflow(root, args.processes, before_run)
                         if name == "boneflow"
-                        else _storescp(root, associations)
+                        else _storescp(root, before_run)
                     )
-                    os.sync()  # neither run inherits the other's write-back
                     seconds_of[name] = run(files, associations)
                 result = Round(
                     associations,
@@ -105,7 +123,7 @@ def main() -> int:
                     flush=True,
                 )
             summaries.append(Summary(associations, rounds))
-        _print_table(summaries, args.processes)
+        _print_table(summaries, args.processes, not args.no_prime)
     return 0
 
 
@@ -170,9 +188,49 @@ def _disk_ceiling(folder: Path, files: list[Path], threads: int) -> float:
     return seconds
 
 
-def _send(port: int, files: list[Path], associations: int) -> float:
-    """storescu processes, one association each; returns the wall time until all are done."""
+def _settle() -> None:
+    os.sync()  # neither run inherits the other's write-back
+
+
+def _pausing(before: Callable[[], None], seconds: float) -> Callable[[], None]:
+    """``sync``, wait (the host's and the disk's work of the previous run), then ``before``."""
+
+    def pause() -> None:
+        _settle()
+        time.sleep(seconds)
+        before()
+
+    return pause
+
+
+def _primer(folder: Path, megabytes: float) -> Callable[[], None]:
+    """``sync``, then write and delete as much as a run receives (untimed, no fsync).
+
+    The run that follows writes into just-freed page cache, whatever ran before it.
+    """
+    block = bytes(1024 * 1024)
+
+    def prime() -> None:
+        _settle()
+        folder.mkdir(exist_ok=True)
+        scratch = folder / "scratch"
+        with scratch.open("wb") as out:
+            for _ in range(int(megabytes * 1e6 / len(block)) + 64):
+                out.write(block)
+        scratch.unlink()  # dirty pages of a deleted file are dropped, never written
+
+    return prime
+
+
+def _send(
+    port: int, files: list[Path], associations: int, before: Callable[[], None] = _settle
+) -> float:
+    """storescu processes, one association each; returns the wall time until all are done.
+
+    ``before`` runs first, untimed, with the receiver already listening.
+    """
     shares = [files[i::associations] for i in range(associations)]
+    before()
     started = time.perf_counter()
     senders = []
     for share in shares:
@@ -192,7 +250,7 @@ def _send(port: int, files: list[Path], associations: int) -> float:
     return time.perf_counter() - started
 
 
-def _storescp(root: Path, associations: int) -> Callable[[list[Path], int], float]:
+def _storescp(root: Path, before: Callable[[], None]) -> Callable[[list[Path], int], float]:
     def run(files: list[Path], associations: int) -> float:
         out = root / "storescp"
         shutil.rmtree(out, ignore_errors=True)
@@ -206,7 +264,7 @@ def _storescp(root: Path, associations: int) -> Callable[[list[Path], int], floa
         )
         try:
             _wait_for_port(port)
-            seconds = _send(port, files, associations)
+            seconds = _send(port, files, associations, before)
             assert len(list(out.iterdir())) == len(files), "storescp lost files"
             return seconds
         finally:
@@ -217,7 +275,9 @@ def _storescp(root: Path, associations: int) -> Callable[[list[Path], int], floa
     return run
 
 
-def _boneflow(root: Path, processes: int) -> Callable[[list[Path], int], float]:
+def _boneflow(
+    root: Path, processes: int, before: Callable[[], None]
+) -> Callable[[list[Path], int], float]:
     def run(files: list[Path], associations: int) -> float:
         data = root / "boneflow"
         shutil.rmtree(data, ignore_errors=True)
@@ -233,7 +293,7 @@ def _boneflow(root: Path, processes: int) -> Callable[[list[Path], int], float]:
         audit = Audit.open(settings.resolved_database_url)
         handle = start_listener(settings, audit, _noop)
         try:
-            seconds = _send(handle.port, files, associations)
+            seconds = _send(handle.port, files, associations, before)
         finally:
             handle.stop()
             handle.wait(30)
@@ -250,9 +310,10 @@ def _noop(instance: StoredInstance) -> None:
     """on_stored of the bench: the hand-off itself is not measured here."""
 
 
-def _print_table(summaries: list[Summary], processes: int) -> None:
+def _print_table(summaries: list[Summary], processes: int, primed: bool) -> None:
     print()
-    print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, LISTENER_PROCESSES={processes}")
+    stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    print(f"{stamp}, LISTENER_PROCESSES={processes}, {'not ' if not primed else ''}primed")
     print()
     print(
         "| associations | rounds | load | boneflow img/s | storescp img/s "

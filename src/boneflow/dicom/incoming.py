@@ -4,7 +4,7 @@ pynetdicom (with ``STORE_RECV_CHUNKED_DATASET``) writes each incoming dataset to
 ``NamedTemporaryFile`` in the system temporary folder. Here that file is put in the
 listener's ``<spool>/.incoming`` folder instead (same file system as the spool, so storing
 is a hard link, not a copy; partial files of dead associations are found there), and the
-kernel is asked to start writing it to disk every few MiB while it arrives
+kernel is asked to start writing it to disk every MiB while it arrives
 (``sync_file_range(SYNC_FILE_RANGE_WRITE)``), so that the fsync before acknowledging
 waits only for the tail instead of the whole image.
 """
@@ -24,15 +24,16 @@ import pynetdicom.dimse_messages
 log = logging.getLogger(__name__)
 
 INCOMING_ATTRIBUTE = "_boneflow_incoming_dir"
-WRITEBACK_BYTES = 4 * 1024 * 1024
+WRITEBACK_BYTES = 1024 * 1024  # 4 MiB left the fsync 2-3 ms more to wait (1 association)
 _SYNC_FILE_RANGE_WRITE = 2
 
 
 def install_incoming_tempfiles() -> None:
     """Route pynetdicom's chunked-receive files into the association's incoming folder.
 
-    The folder is read from the association that owns the receiving (DUL) thread, as the
-    attribute :data:`INCOMING_ATTRIBUTE` set by the listener; other associations (a
+    The folder is read from the association that receives: the one that owns the current
+    (DUL) thread, or the association thread itself (the listener's blocking data phase),
+    as the attribute :data:`INCOMING_ATTRIBUTE` set by the listener; other associations (a
     pynetdicom SCP elsewhere in the process) keep the default. Idempotent.
     """
     current = getattr(pynetdicom.dimse_messages, "NamedTemporaryFile", None)
@@ -41,7 +42,8 @@ def install_incoming_tempfiles() -> None:
     original = tempfile.NamedTemporaryFile
 
     def named_temporary_file(*args: Any, **kwargs: Any) -> Any:
-        assoc = getattr(threading.current_thread(), "_assoc", None)
+        thread = threading.current_thread()
+        assoc = getattr(thread, "_assoc", thread)  # a DUL thread, or the association's own
         folder = getattr(assoc, INCOMING_ATTRIBUTE, None)
         if folder is None:
             return original(*args, **kwargs)

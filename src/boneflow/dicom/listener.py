@@ -9,7 +9,8 @@ With ``LISTENER_PROCESSES`` > 1, the parent binds and listens on the port and th
 spawned child processes accept from the one listening socket (one GIL each); a process
 with more open associations than a sibling leaves new ones to it, so parallel senders
 are spread evenly. Each association reads through the lean receive path of
-:mod:`boneflow.dicom.acceptor` where the pynetdicom version allows. Each child
+:mod:`boneflow.dicom.acceptor` where the pynetdicom version allows, and once established
+runs its data phase on its own thread alone (blocking reads, nothing polls). Each child
 process opens its own audit connection and calls ``on_stored`` itself, so the callback
 must then be picklable (a module-level function or a ``functools.partial`` of one) and
 safe to run in several processes; the production hand-off (the settle loop) reads the

@@ -21,9 +21,11 @@ from boneflow.training.engine import (
     EPOCH_LOG,
     FitConfig,
     ImageSet,
+    _TimedOneCycle,
     augment_batch,
     build_image_set,
     fit,
+    one_cycle_rate,
     predict,
 )
 from boneflow.training.synth import generate_image, to_display
@@ -96,6 +98,46 @@ def test_resume_continues_exactly_where_training_stopped(
         assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-4)
     lines = (tmp_path / "cut" / EPOCH_LOG).read_text().splitlines()
     assert len(lines) == 2  # the log continues instead of restarting
+
+
+def test_timed_schedule_follows_the_clock_and_resumes() -> None:
+    now = [0.0]
+    parameter = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.AdamW([parameter], lr=1.0)
+    schedule = _TimedOneCycle(optimizer, 1.0, total_steps=1000, seconds=100.0, clock=lambda: now[0])
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1.0 / 25)
+    now[0] = 15.0  # the end of the warm-up by the clock, after only 10 of 1000 steps
+    for _ in range(10):
+        schedule.step()
+    assert schedule.progress == pytest.approx(0.15)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1.0)
+    now[0] = 57.5
+    state = schedule.state_dict()
+    resumed = _TimedOneCycle(optimizer, 1.0, total_steps=1000, seconds=100.0, clock=lambda: now[0])
+    resumed.load_state_dict(state)
+    assert resumed.progress == pytest.approx(0.575) and not resumed.done
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.5, abs=1e-3)  # half-way down
+    now[0] = 100.0
+    resumed.step()
+    assert resumed.done
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(one_cycle_rate(1.0, 1.0))
+    assert one_cycle_rate(1.0, 1.0) < 1e-4  # annealed when the time is up
+
+
+def test_timed_run_stops_annealed_and_validates_only_late(
+    router_data: dict[str, ImageSet], tmp_path: Path
+) -> None:
+    config = replace(CONFIG, epochs=1000, schedule="timed", max_minutes=0.25, validate_from=0.5)
+    result = fit(config, router_data["train"], router_data["val"], tmp_path, CPU)
+    assert result.stopped == "time-limit" and 2 <= len(result.history) < 1000
+    assert result.seconds < 0.25 * 60 + 10  # the last epoch is cut short, one validation added
+    last = result.history[-1]
+    assert last["learning_rate"] < 1e-3 * CONFIG.learning_rate  # ended annealed
+    assert "val_accuracy" in last  # the last epoch always validates
+    assert "val_accuracy" not in result.history[0]  # early epochs skip validation
+    assert "val_accuracy" in result.history[result.best_epoch - 1]
+    probs = predict(result.network, router_data["test"], CPU)
+    assert float((probs.argmax(1) == router_data["test"].labels).mean()) >= 0.6
 
 
 def test_augmentation_moves_the_fracture_mask_with_the_image() -> None:

@@ -292,6 +292,23 @@ def test_demo_plan_fingerprint_names_the_data_not_the_epochs() -> None:
     assert len(BODY_PARTS) == 8
 
 
+def test_demo_images_are_the_same_from_one_process_or_a_pool() -> None:
+    from boneflow.training.demo import _generator_pool, _make_split
+    from boneflow.training.train import ProgressBar
+
+    plan = DemoPlan(source_size=96)
+    params = PreprocessParams(input_size=48)
+    serial = _make_split(plan, "val", 24, params, params, ProgressBar(None), chunk=8)
+    with _generator_pool() as pool:
+        pooled = _make_split(plan, "val", 24, params, params, ProgressBar(None), pool, chunk=8)
+    for one, other in zip(serial, pooled, strict=True):
+        assert np.array_equal(one.images, other.images)
+        assert np.array_equal(one.labels, other.labels)
+        assert one.body_parts == other.body_parts and one.difficulties == other.difficulties
+    assert serial[1].masks is not None and pooled[1].masks is not None
+    assert np.array_equal(serial[1].masks, pooled[1].masks)
+
+
 def test_train_demo_models_registers_a_router_and_a_fracture_model(tmp_path: Path) -> None:
     """The function ``boneflow demo`` calls, on a tiny plan (the real one takes minutes)."""
     plan = DemoPlan(

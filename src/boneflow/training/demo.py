@@ -11,6 +11,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import multiprocessing
+import os
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Executor, ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -85,10 +90,11 @@ def train_demo_models(
     with progress_bar(progress) as bar:
         router_sets: dict[str, ImageSet] = {}
         fracture_sets: dict[str, ImageSet] = {}
-        for split, count in zip(("train", "val", "test"), plan.images, strict=True):
-            router_sets[split], fracture_sets[split] = _make_split(
-                plan, split, count, router_params, fracture_params, bar
-            )
+        with _generator_pool() as pool:
+            for split, count in zip(("train", "val", "test"), plan.images, strict=True):
+                router_sets[split], fracture_sets[split] = _make_split(
+                    plan, split, count, router_params, fracture_params, bar, pool
+                )
         extra = {"data": "boneflow synth (generated on the fly)", "demo_plan": asdict(plan)}
         data_report = {
             "source": "boneflow synth, held-out synthetic patients",
@@ -143,9 +149,10 @@ def demo_test_set(
     raw = manifest.training.get("demo_plan")
     plan = DemoPlan(**{**asdict(DemoPlan()), **raw}) if isinstance(raw, dict) else DemoPlan()
     plan = DemoPlan(**{**asdict(plan), "images": tuple(plan.images)})
-    router, fracture = _make_split(
-        plan, "test", plan.images[2], params, params, bar or ProgressBar(None)
-    )
+    with _generator_pool() as pool:
+        router, fracture = _make_split(
+            plan, "test", plan.images[2], params, params, bar or ProgressBar(None), pool
+        )
     return router if manifest.task == "router" else fracture
 
 
@@ -164,23 +171,54 @@ def _make_split(
     router_params: PreprocessParams,
     fracture_params: PreprocessParams,
     bar: ProgressBar,
-    chunk: int = 256,
+    pool: Executor | None = None,
+    chunk: int = 128,
 ) -> tuple[ImageSet, ImageSet]:
     """Generate ``count`` patients (one image each) and preprocess them for both models.
 
-    Works in chunks so that only ``chunk`` full-size images are in memory at a time.
+    Works in chunks so that only a few chunks of full-size images are in memory at a time,
+    spread over ``pool`` when given (each patient is its own random stream, so the images
+    do not depend on how many processes made them).
     """
     advance = bar.stage(f"synthetic {split} images", count)
+    chunks = [range(start, min(start + chunk, count)) for start in range(0, count, chunk)]
     routers: list[ImageSet] = []
     fractures: list[ImageSet] = []
-    for start in range(0, count, chunk):
-        router, fracture = _make_chunk(
-            plan, split, range(start, min(start + chunk, count)), router_params, fracture_params
+    args = (router_params, fracture_params)
+    if pool is None:
+        done: Iterable[tuple[ImageSet, ImageSet]] = (
+            _make_chunk(plan, split, c, *args) for c in chunks
         )
+    else:  # submitted all at once, collected in order: the sets keep patient order
+        futures = [pool.submit(_make_chunk, plan, split, c, *args) for c in chunks]
+        done = (future.result() for future in futures)
+    for router, fracture in done:
         routers.append(router)
         fractures.append(fracture)
         advance(len(router))
     return _concatenate(routers), _concatenate(fractures)
+
+
+@contextmanager
+def _generator_pool() -> Iterator[Executor | None]:
+    """One process per CPU core for image generation (None on a single core).
+
+    Spawned, not forked: the parent may already run torch's thread pool.
+    """
+    workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+    if workers <= 1:
+        yield None
+        return
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(workers, context, initializer=_one_thread) as pool:
+        yield pool
+
+
+def _one_thread() -> None:
+    """A generator process uses one core: the pool is the parallelism."""
+    import cv2
+
+    cv2.setNumThreads(1)
 
 
 def _make_chunk(

@@ -330,6 +330,10 @@ def test_train_demo_models_registers_a_router_and_a_fracture_model(tmp_path: Pat
     assert set(fracture.body_parts) == set(BODY_PARTS) - {"other"}
     assert fracture.training["localisation_weight"] == 1.0
     assert fracture.training["crop_size"] == 32
+    # one cycle over the time limit; this tiny plan ends by its epoch count, validated
+    assert fracture.training["schedule"] == router.training["schedule"] == "timed"
+    assert fracture.training["stopped"] == "epochs" and fracture.training["epochs_run"] == 1
+    assert fracture.training["validate_from"] == plan.fracture_validate_from
     registry = Registry(settings.resolved_model_dir)
     assert registry.router().model_id == "router@1"
     covering = registry.fracture_model_for("wrist")

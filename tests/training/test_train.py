@@ -334,6 +334,7 @@ def test_train_demo_models_registers_a_router_and_a_fracture_model(tmp_path: Pat
     assert fracture.training["schedule"] == router.training["schedule"] == "timed"
     assert fracture.training["stopped"] == "epochs" and fracture.training["epochs_run"] == 1
     assert fracture.training["validate_from"] == plan.fracture_validate_from
+    assert fracture.training["hard_negatives"] == plan.fracture_hard_negatives == 0.5
     registry = Registry(settings.resolved_model_dir)
     assert registry.router().model_id == "router@1"
     covering = registry.fracture_model_for("wrist")

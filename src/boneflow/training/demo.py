@@ -66,6 +66,7 @@ class DemoPlan:
     fracture_max_minutes: float = 6.75
     localisation_weight: float = 1.0
     fracture_validate_from: float = 0.8  # validate only in the last fifth of the run
+    fracture_hard_negatives: float = 0.5  # of the crops off the line: on mined false alarms
 
     def fingerprint(self) -> str:
         """Identifies the synthetic data (same plan, same images)."""
@@ -290,6 +291,7 @@ def _config(plan: DemoPlan, task: str) -> FitConfig:
         validate_from=0.0 if router else plan.fracture_validate_from,
         localisation_weight=0.0 if router else plan.localisation_weight,
         crop_size=0 if router else plan.fracture_crop,
+        hard_negatives=0.0 if router else plan.fracture_hard_negatives,
         max_minutes=plan.router_max_minutes if router else plan.fracture_max_minutes,
         monitor="accuracy" if router else "auc",
     )

@@ -71,6 +71,7 @@ class FitConfig:
     validate_from: float = 0.0  # share of the run before which epochs skip validation
     localisation_weight: float = 0.0  # > 0: also learn where the fracture is (needs masks)
     crop_size: int = 0  # > 0: train on crops (needs masks, a fully-convolutional network)
+    hard_negatives: float = 0.3  # crops: share of the non-line crops on mined false alarms
 
     def to_dict(self) -> dict[str, object]:
         """JSON-ready hyper-parameters."""
@@ -628,14 +629,21 @@ class _Cropper:
     """
 
     ON_LINE = 0.6  # share of a fractured image's crops placed on its line
-    HARD = 0.3  # of the other crops: share taken from mined false alarms
     UNIFORM = 0.35  # of the rest: share placed uniformly (the others on bone)
     MIN_LINE_PIXELS = 8  # a crop is positive when it holds this much of the drawn line
     MINE_IMAGES = 128  # whole training images scanned for false alarms after each epoch
     POOL = 2000  # hard negatives kept (the newest)
 
-    def __init__(self, data: ImageSet, masks: npt.NDArray[np.uint8], size: int, seed: int):
+    def __init__(
+        self,
+        data: ImageSet,
+        masks: npt.NDArray[np.uint8],
+        size: int,
+        seed: int,
+        hard_share: float = 0.3,
+    ):
         self.data, self.masks, self.size = data, masks, size
+        self.hard_share = hard_share  # of the other crops: share taken from mined false alarms
         self.rng = np.random.default_rng(seed)
         self.hard: list[tuple[int, int, int]] = []
 
@@ -649,7 +657,7 @@ class _Cropper:
             return None
         if config.crop_size >= min(data.images.shape[1:]):
             return None
-        return cls(data, data.masks, config.crop_size, config.seed)
+        return cls(data, data.masks, config.crop_size, config.seed, config.hard_negatives)
 
     def crops(self, index: npt.NDArray[np.int64]) -> ImageSet:
         """One crop of each indexed image, with its mask and label."""
@@ -707,7 +715,7 @@ class _Cropper:
                 jitter = self.size // 3
                 dy, dx = rng.integers(-jitter, jitter + 1, size=2)
                 return i, int(ys[k] + dy), int(xs[k] + dx)
-        if self.hard and rng.random() < self.HARD:
+        if self.hard and rng.random() < self.hard_share:
             j, y, x = self.hard[int(rng.integers(len(self.hard)))]
             dy, dx = rng.integers(-self.size // 8, self.size // 8 + 1, size=2)
             return j, int(y + dy), int(x + dx)

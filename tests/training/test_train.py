@@ -22,9 +22,11 @@ from boneflow.training.engine import (
     EPOCH_LOG,
     FitConfig,
     ImageSet,
+    _TimedOneCycle,
     augment_batch,
     build_image_set,
     fit,
+    one_cycle_rate,
     predict,
 )
 from boneflow.training.synth import generate_image, to_display
@@ -97,6 +99,46 @@ def test_resume_continues_exactly_where_training_stopped(
         assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-4)
     lines = (tmp_path / "cut" / EPOCH_LOG).read_text().splitlines()
     assert len(lines) == 2  # the log continues instead of restarting
+
+
+def test_timed_schedule_follows_the_clock_and_resumes() -> None:
+    now = [0.0]
+    parameter = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.AdamW([parameter], lr=1.0)
+    schedule = _TimedOneCycle(optimizer, 1.0, total_steps=1000, seconds=100.0, clock=lambda: now[0])
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1.0 / 25)
+    now[0] = 15.0  # the end of the warm-up by the clock, after only 10 of 1000 steps
+    for _ in range(10):
+        schedule.step()
+    assert schedule.progress == pytest.approx(0.15)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1.0)
+    now[0] = 57.5
+    state = schedule.state_dict()
+    resumed = _TimedOneCycle(optimizer, 1.0, total_steps=1000, seconds=100.0, clock=lambda: now[0])
+    resumed.load_state_dict(state)
+    assert resumed.progress == pytest.approx(0.575) and not resumed.done
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.5, abs=1e-3)  # half-way down
+    now[0] = 100.0
+    resumed.step()
+    assert resumed.done
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(one_cycle_rate(1.0, 1.0))
+    assert one_cycle_rate(1.0, 1.0) < 1e-4  # annealed when the time is up
+
+
+def test_timed_run_stops_annealed_and_validates_only_late(
+    router_data: dict[str, ImageSet], tmp_path: Path
+) -> None:
+    config = replace(CONFIG, epochs=1000, schedule="timed", max_minutes=0.25, validate_from=0.5)
+    result = fit(config, router_data["train"], router_data["val"], tmp_path, CPU)
+    assert result.stopped == "time-limit" and 2 <= len(result.history) < 1000
+    assert result.seconds < 0.25 * 60 + 10  # the last epoch is cut short, one validation added
+    last = result.history[-1]
+    assert last["learning_rate"] < 1e-3 * CONFIG.learning_rate  # ended annealed
+    assert "val_accuracy" in last  # the last epoch always validates
+    assert "val_accuracy" not in result.history[0]  # early epochs skip validation
+    assert "val_accuracy" in result.history[result.best_epoch - 1]
+    probs = predict(result.network, router_data["test"], CPU)
+    assert float((probs.argmax(1) == router_data["test"].labels).mean()) >= 0.6
 
 
 def test_augmentation_moves_the_fracture_mask_with_the_image() -> None:
@@ -251,6 +293,23 @@ def test_demo_plan_fingerprint_names_the_data_not_the_epochs() -> None:
     assert len(BODY_PARTS) == 8
 
 
+def test_demo_images_are_the_same_from_one_process_or_a_pool() -> None:
+    from boneflow.training.demo import _generator_pool, _make_split
+    from boneflow.training.train import ProgressBar
+
+    plan = DemoPlan(source_size=96)
+    params = PreprocessParams(input_size=48)
+    serial = _make_split(plan, "val", 24, params, params, ProgressBar(None), chunk=8)
+    with _generator_pool() as pool:
+        pooled = _make_split(plan, "val", 24, params, params, ProgressBar(None), pool, chunk=8)
+    for one, other in zip(serial, pooled, strict=True):
+        assert np.array_equal(one.images, other.images)
+        assert np.array_equal(one.labels, other.labels)
+        assert one.body_parts == other.body_parts and one.difficulties == other.difficulties
+    assert serial[1].masks is not None and pooled[1].masks is not None
+    assert np.array_equal(serial[1].masks, pooled[1].masks)
+
+
 def test_train_demo_models_registers_a_router_and_a_fracture_model(tmp_path: Path) -> None:
     """The function ``boneflow demo`` calls, on a tiny plan (the real one takes minutes)."""
     plan = DemoPlan(
@@ -272,6 +331,11 @@ def test_train_demo_models_registers_a_router_and_a_fracture_model(tmp_path: Pat
     assert set(fracture.body_parts) == set(BODY_PARTS) - {"other"}
     assert fracture.training["localisation_weight"] == 1.0
     assert fracture.training["crop_size"] == 32
+    # one cycle over the time limit; this tiny plan ends by its epoch count, validated
+    assert fracture.training["schedule"] == router.training["schedule"] == "timed"
+    assert fracture.training["stopped"] == "epochs" and fracture.training["epochs_run"] == 1
+    assert fracture.training["validate_from"] == plan.fracture_validate_from
+    assert fracture.training["hard_negatives"] == plan.fracture_hard_negatives == 0.5
     registry = Registry(settings.resolved_model_dir)
     assert registry.router().model_id == "router@1"
     covering = registry.fracture_model_for("wrist")

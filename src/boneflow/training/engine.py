@@ -65,9 +65,13 @@ class FitConfig:
     max_minutes: float | None = None
     augment: bool = True
     monitor: str = "auc"  # auc (binary) or accuracy
-    schedule: str = "plateau"  # plateau (ReduceLROnPlateau) or cosine (short runs: the demo)
+    # plateau (ReduceLROnPlateau), cosine (one cycle over the epochs) or timed (one cycle
+    # over max_minutes: a run the clock stops still ends annealed; epochs is then a maximum)
+    schedule: str = "plateau"
+    validate_from: float = 0.0  # share of the run before which epochs skip validation
     localisation_weight: float = 0.0  # > 0: also learn where the fracture is (needs masks)
     crop_size: int = 0  # > 0: train on crops (needs masks, a fully-convolutional network)
+    hard_negatives: float = 0.3  # crops: share of the non-line crops on mined false alarms
 
     def to_dict(self) -> dict[str, object]:
         """JSON-ready hyper-parameters."""
@@ -198,35 +202,41 @@ def fit(
             localiser,
             cropper,
         )
+        out_of_time = (isinstance(scheduler, _TimedOneCycle) and scheduler.out_of_time) or (
+            config.max_minutes is not None and time.monotonic() - started > config.max_minutes * 60
+        )
+        last = out_of_time or epoch + 1 == config.epochs
         if cropper is not None:
             cropper.mine(network, localiser, device)
-        recalibrate_batchnorm(
-            network, train if cropper is None else cropper.sample(), device, config.batch_size
-        )
-        val_probs = predict(network, val, device, config.batch_size)
-        val_loss = float(
-            F.nll_loss(
-                torch.log(torch.from_numpy(val_probs).clamp_min(1e-7)), torch.from_numpy(val.labels)
-            )
-        )
-        score = _score(config.monitor, val.labels, val_probs)
-        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            scheduler.step(val_loss)
         line = {
             "epoch": float(epoch + 1),
             "train_loss": train_loss,
-            "val_loss": val_loss,
-            f"val_{config.monitor}": score,
-            "val_accuracy": float((val_probs.argmax(1) == val.labels).mean()),
             "learning_rate": float(optimizer.param_groups[0]["lr"]),
-            "seconds": time.monotonic() - epoch_started,
         }
+        if last or _progress(scheduler, epoch, config) >= config.validate_from:
+            recalibrate_batchnorm(
+                network, train if cropper is None else cropper.sample(), device, config.batch_size
+            )
+            val_probs = predict(network, val, device, config.batch_size)
+            val_loss = float(
+                F.nll_loss(
+                    torch.log(torch.from_numpy(val_probs).clamp_min(1e-7)),
+                    torch.from_numpy(val.labels),
+                )
+            )
+            score = _score(config.monitor, val.labels, val_probs)
+            if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                scheduler.step(val_loss)
+            line["val_loss"] = val_loss
+            line[f"val_{config.monitor}"] = score
+            line["val_accuracy"] = float((val_probs.argmax(1) == val.labels).mean())
+            if score > best_score:
+                best_score, best_epoch, bad_epochs = score, epoch + 1, 0
+                best_state = _state_copy(network)
+            else:
+                bad_epochs += 1
+        line["seconds"] = time.monotonic() - epoch_started
         history.append(line)
-        if score > best_score:
-            best_score, best_epoch, bad_epochs = score, epoch + 1, 0
-            best_state = _state_copy(network)
-        else:
-            bad_epochs += 1
         with (run_dir / EPOCH_LOG).open("a") as handle:
             handle.write(json.dumps(line) + "\n")
         torch.save(
@@ -247,11 +257,11 @@ def fit(
         )
         if on_epoch is not None:
             on_epoch(line)
+        if out_of_time:
+            stopped = "time-limit"
+            break
         if bad_epochs >= config.early_stop_patience:
             stopped = "early-stopping"
-            break
-        if config.max_minutes is not None and time.monotonic() - started > config.max_minutes * 60:
-            stopped = "time-limit"
             break
     localiser.close()
     network.load_state_dict(best_state)
@@ -414,11 +424,13 @@ def _train_epoch(
         scaler.step(optimizer)
         scaler.update()
         if not isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            scheduler.step()  # cosine: per batch
+            scheduler.step()  # cosine, timed: per batch
         total += float(loss.detach()) * len(index)
         seen += len(index)
         if on_batch is not None:
             on_batch()
+        if isinstance(scheduler, _TimedOneCycle) and scheduler.done:
+            break  # the time budget is spent: end annealed, mid-epoch if need be
     return total / max(seen, 1)
 
 
@@ -436,13 +448,102 @@ def _score(monitor: str, labels: npt.NDArray[np.int64], probs: npt.NDArray[np.fl
     return float((probs.argmax(1) == labels).mean())
 
 
-_Scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau | torch.optim.lr_scheduler.LRScheduler
+def one_cycle_rate(progress: float, max_lr: float, warmup: float = 0.15) -> float:
+    """The one-cycle cosine learning rate at ``progress`` (0..1) of a run.
+
+    Warms up from ``max_lr / 25`` to ``max_lr`` over the first ``warmup`` share, then anneals
+    to ``max_lr / 25e4`` (the shape and end points of :class:`torch.optim.lr_scheduler.OneCycleLR`).
+    """
+    start, end = max_lr / 25.0, max_lr / 25e4
+    progress = min(max(progress, 0.0), 1.0)
+    if progress < warmup:
+        return max_lr + (start - max_lr) * (1.0 + math.cos(math.pi * progress / warmup)) / 2.0
+    rest = (progress - warmup) / (1.0 - warmup)
+    return end + (max_lr - end) * (1.0 + math.cos(math.pi * rest)) / 2.0
+
+
+class _TimedOneCycle:
+    """One-cycle cosine over a time budget or a number of steps, whichever runs out first.
+
+    An epoch-based schedule that the clock stops is cut off at a high rate; this one is at
+    its low-rate end when the time is up, however fast the machine. Resumable: the state
+    holds the steps taken and the seconds spent.
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        max_lr: float,
+        total_steps: int,
+        seconds: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.optimizer, self.max_lr = optimizer, max_lr
+        self.total_steps, self.seconds, self.clock = max(1, total_steps), seconds, clock
+        self.steps, self.spent, self.started = 0, 0.0, clock()
+        self._apply()
+
+    @property
+    def progress(self) -> float:
+        """Share of the run done (0..1): the larger of the step and time shares."""
+        elapsed = self.spent + self.clock() - self.started
+        return min(1.0, max(self.steps / self.total_steps, elapsed / self.seconds))
+
+    @property
+    def done(self) -> bool:
+        """The run's budget (steps or time) is spent."""
+        return self.progress >= 1.0
+
+    @property
+    def out_of_time(self) -> bool:
+        """The time budget is spent."""
+        return self.spent + self.clock() - self.started >= self.seconds
+
+    def step(self) -> None:
+        """After each optimiser step."""
+        self.steps += 1
+        self._apply()
+
+    def state_dict(self) -> dict[str, float]:
+        """Steps taken and seconds spent so far."""
+        return {"steps": self.steps, "spent": self.spent + self.clock() - self.started}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        """Continue a run from :meth:`state_dict`."""
+        self.steps, self.spent = int(state["steps"]), float(state["spent"])
+        self.started = self.clock()
+        self._apply()
+
+    def _apply(self) -> None:
+        rate = one_cycle_rate(self.progress, self.max_lr)
+        for group in self.optimizer.param_groups:
+            group["lr"] = rate
+
+
+_Scheduler = (
+    torch.optim.lr_scheduler.ReduceLROnPlateau
+    | torch.optim.lr_scheduler.LRScheduler
+    | _TimedOneCycle
+)
+
+
+def _progress(scheduler: _Scheduler, epoch: int, config: FitConfig) -> float:
+    """Share of the run done after ``epoch`` (0-based): by time for the timed schedule."""
+    if isinstance(scheduler, _TimedOneCycle):
+        return scheduler.progress
+    return (epoch + 1) / max(1, config.epochs)
 
 
 def _scheduler(config: FitConfig, optimizer: torch.optim.Optimizer, images: int) -> _Scheduler:
     """ReduceLROnPlateau (factor 0.1, patience 5) by default; one-cycle cosine for short runs."""
+    steps = max(1, sum(1 for s in range(0, images, config.batch_size) if images - s >= 2))
+    if config.schedule == "timed":
+        if config.max_minutes is None:
+            raise ValueError("the timed schedule needs max_minutes")
+        return _TimedOneCycle(
+            optimizer, config.learning_rate, steps * config.epochs, config.max_minutes * 60.0
+        )
     if config.schedule == "cosine":
-        steps = max(1, sum(1 for s in range(0, images, config.batch_size) if images - s >= 2))
         return torch.optim.lr_scheduler.OneCycleLR(
             optimizer,
             max_lr=config.learning_rate,
@@ -528,14 +629,21 @@ class _Cropper:
     """
 
     ON_LINE = 0.6  # share of a fractured image's crops placed on its line
-    HARD = 0.3  # of the other crops: share taken from mined false alarms
     UNIFORM = 0.35  # of the rest: share placed uniformly (the others on bone)
     MIN_LINE_PIXELS = 8  # a crop is positive when it holds this much of the drawn line
     MINE_IMAGES = 128  # whole training images scanned for false alarms after each epoch
     POOL = 2000  # hard negatives kept (the newest)
 
-    def __init__(self, data: ImageSet, masks: npt.NDArray[np.uint8], size: int, seed: int):
+    def __init__(
+        self,
+        data: ImageSet,
+        masks: npt.NDArray[np.uint8],
+        size: int,
+        seed: int,
+        hard_share: float = 0.3,
+    ):
         self.data, self.masks, self.size = data, masks, size
+        self.hard_share = hard_share  # of the other crops: share taken from mined false alarms
         self.rng = np.random.default_rng(seed)
         self.hard: list[tuple[int, int, int]] = []
 
@@ -549,7 +657,7 @@ class _Cropper:
             return None
         if config.crop_size >= min(data.images.shape[1:]):
             return None
-        return cls(data, data.masks, config.crop_size, config.seed)
+        return cls(data, data.masks, config.crop_size, config.seed, config.hard_negatives)
 
     def crops(self, index: npt.NDArray[np.int64]) -> ImageSet:
         """One crop of each indexed image, with its mask and label."""
@@ -607,7 +715,7 @@ class _Cropper:
                 jitter = self.size // 3
                 dy, dx = rng.integers(-jitter, jitter + 1, size=2)
                 return i, int(ys[k] + dy), int(xs[k] + dx)
-        if self.hard and rng.random() < self.HARD:
+        if self.hard and rng.random() < self.hard_share:
             j, y, x = self.hard[int(rng.integers(len(self.hard)))]
             dy, dx = rng.integers(-self.size // 8, self.size // 8 + 1, size=2)
             return j, int(y + dy), int(x + dx)

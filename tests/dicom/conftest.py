@@ -14,10 +14,11 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
-from boneflow.config import Settings
+from boneflow.config import Destination, Settings
 from boneflow.db.audit import Audit, AuditEntry
 from boneflow.db.migrate import upgrade
 from boneflow.dicom.listener import ListenerHandle, start_listener
+from boneflow.dicom.send import store_datasets
 from boneflow.dicom.spool import StoredInstance
 
 RADIOGRAPHS = (
@@ -262,3 +263,18 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
+
+
+def store_radiographs(listener: RunningListener, copy: Path) -> list[Path]:
+    """storescu sends each radiograph (in its own syntax), then pynetdicom's SCU ``copy``."""
+    files = [radiograph(name) for name in RADIOGRAPHS]
+    for path in files:  # each in its own syntax: nothing is transcoded
+        syntax = str(pydicom.filereader.read_file_meta_info(path).TransferSyntaxUID)
+        done = dcmtk("storescu", "-R", STORESCU_PROPOSE[syntax], "-aec", "BONEFLOW",
+                     "127.0.0.1", str(listener.port), str(path))  # fmt: skip
+        assert done.returncode == 0, done.stderr
+    settings = replace(listener.settings, ae_title="SENDER")
+    destination = Destination(kind="dimse", ae_title="BONEFLOW", host="127.0.0.1",
+                              port=listener.port)  # fmt: skip
+    assert store_datasets(destination, [copy], settings) == [0]
+    return files

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 
 import pydicom
@@ -14,17 +13,13 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.pdu import P_DATA_TF
 
 import boneflow.dicom.acceptor as acceptor
-from boneflow.config import Destination
 from boneflow.dicom.acceptor import encode_c_store_rsp, lean_path_supported
-from boneflow.dicom.send import store_datasets
 
 from .conftest import (
-    RADIOGRAPHS,
-    STORESCU_PROPOSE,
     RunningListener,
     dataset_bytes,
-    dcmtk,
     radiograph,
+    store_radiographs,
 )
 
 
@@ -70,21 +65,6 @@ def test_the_hook_is_only_for_the_pynetdicom_series_it_was_written_for() -> None
     assert not lean_path_supported("3.1.0")
 
 
-def _store_all(listener: RunningListener, copy: Path) -> list[Path]:
-    """storescu (each file in its own syntax) and pynetdicom's SCU, one file each."""
-    files = [radiograph(name) for name in RADIOGRAPHS]
-    for path in files:  # each in its own syntax: nothing is transcoded
-        syntax = str(pydicom.filereader.read_file_meta_info(path).TransferSyntaxUID)
-        done = dcmtk("storescu", "-R", STORESCU_PROPOSE[syntax], "-aec", "BONEFLOW",
-                     "127.0.0.1", str(listener.port), str(path))  # fmt: skip
-        assert done.returncode == 0, done.stderr
-    settings = replace(listener.settings, ae_title="SENDER")
-    destination = Destination(kind="dimse", ae_title="BONEFLOW", host="127.0.0.1",
-                              port=listener.port)  # fmt: skip
-    assert store_datasets(destination, [copy], settings) == [0]
-    return files
-
-
 def test_lean_and_stock_paths_spool_the_same_bytes_and_audit_once(
     make_listener: Callable[..., RunningListener],
     monkeypatch: pytest.MonkeyPatch,
@@ -109,7 +89,7 @@ def test_lean_and_stock_paths_spool_the_same_bytes_and_audit_once(
         installed.clear()
         # many PDUs per image; a data dir each, or the second would see duplicates
         listener = make_listener(max_pdu_bytes=16384, data_dir=tmp_path / f"data-{lean}")
-        files = _store_all(listener, copy)
+        files = store_radiographs(listener, copy)
         assert installed and set(installed) == {lean}
         assert len(listener.stored) == len(files) + 1
         assert len(listener.instances("stored")) == len(files) + 1

@@ -5,7 +5,6 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import replace
 from io import BytesIO
 from pathlib import Path
 from typing import Any
@@ -23,17 +22,15 @@ from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.sop_class import ComputedRadiographyImageStorage, Verification
 
 import boneflow.dicom.acceptor as acceptor
-from boneflow.config import Destination
-from boneflow.dicom.send import store_datasets
 
 from .conftest import (
     RADIOGRAPHS,
-    STORESCU_PROPOSE,
     RunningListener,
     dataset_bytes,
     dcmtk,
     poll,
     radiograph,
+    store_radiographs,
 )
 
 pytestmark = pytest.mark.integration
@@ -103,15 +100,7 @@ def test_blocking_and_polling_data_phases_spool_the_same_bytes_and_audit_once(
         phases.clear()
         # many PDUs per image; a data dir each, or the second would see duplicates
         listener = make_listener(max_pdu_bytes=16384, data_dir=tmp_path / f"data-{blocking}")
-        for path in files:  # dcmtk, each file in its own syntax
-            syntax = str(pydicom.filereader.read_file_meta_info(path).TransferSyntaxUID)
-            done = dcmtk("storescu", "-R", STORESCU_PROPOSE[syntax], "-aec", "BONEFLOW",
-                         "127.0.0.1", str(listener.port), str(path))  # fmt: skip
-            assert done.returncode == 0, done.stderr
-        settings = replace(listener.settings, ae_title="SENDER")
-        destination = Destination(kind="dimse", ae_title="BONEFLOW", host="127.0.0.1",
-                                  port=listener.port)  # fmt: skip
-        assert store_datasets(destination, [copy], settings) == [0]  # pynetdicom's SCU
+        store_radiographs(listener, copy)  # dcmtk per file, then pynetdicom's SCU
         expected = ["serving", "handed back"] * (len(files) + 1) if blocking else []
         poll(lambda e=expected: phases == e, f"data phases {expected}, not {phases}", 10)
         rows = listener.instances("stored")

@@ -103,3 +103,32 @@ def test_without_masks_crop_size_is_ignored_with_a_warning(
     with caplog.at_level(logging.WARNING):
         assert _Cropper.create(bare, CONFIG) is None
     assert "no fracture masks" in caplog.text
+
+
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_training_autocasts_to_bf16_only_on_a_bf16_cpu_and_keeps_fp32_weights(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, native_bf16: bool
+) -> None:
+    # Which CPU this runs on must not decide what is tested: pretend to have native bf16
+    # (or not); on a CPU without it torch emulates bf16, slowly but correctly.
+    from boneflow.training import engine
+
+    monkeypatch.setattr(engine, "cpu_has_bf16", lambda: native_bf16)
+    seen: set[torch.dtype] = set()
+    forward = torch.nn.Conv2d.forward
+
+    def recording(self: torch.nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+        out = forward(self, x)
+        if self.training and torch.is_grad_enabled():
+            seen.add(out.dtype)
+        return out
+
+    monkeypatch.setattr(torch.nn.Conv2d, "forward", recording)
+    train, val = _line_set(32, seed=5), _line_set(16, seed=6)
+    config = FitConfig(**{**CONFIG.to_dict(), "epochs": 2})  # type: ignore[arg-type]
+    result = fit(config, train, val, tmp_path, CPU)
+    assert seen == ({torch.bfloat16} if native_bf16 else {torch.float32})
+    assert {p.dtype for p in result.network.parameters()} == {torch.float32}
+    assert np.isfinite([h["train_loss"] for h in result.history]).all()
+    probabilities = predict(result.network, val, CPU)
+    assert probabilities.dtype == np.float32 and np.isfinite(probabilities).all()

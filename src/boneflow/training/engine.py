@@ -9,6 +9,7 @@ from; the best epoch on validation is kept.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -72,6 +73,9 @@ class FitConfig:
     localisation_weight: float = 0.0  # > 0: also learn where the fracture is (needs masks)
     crop_size: int = 0  # > 0: train on crops (needs masks, a fully-convolutional network)
     hard_negatives: float = 0.3  # crops: share of the non-line crops on mined false alarms
+    # float16 autocast on CUDA, bfloat16 on a CPU with native bf16 (AVX-512 BF16 or AMX);
+    # weights, optimiser and loss stay float32. Elsewhere it has no effect.
+    mixed_precision: bool = True
 
     def to_dict(self) -> dict[str, object]:
         """JSON-ready hyper-parameters."""
@@ -148,7 +152,8 @@ def fit(
         config: hyper-parameters.
         train: training images; val: validation images (model selection, LR schedule).
         run_dir: checkpoint and per-epoch JSON lines go here.
-        device: where to train (AMP and channels-last are used on CUDA).
+        device: where to train (mixed precision and channels-last on CUDA and on CPUs with
+            native bfloat16, see :func:`mixed_precision_dtype`).
         resume: continue from ``run_dir/checkpoint.pt`` when it exists.
         on_epoch: called with each epoch's log line; on_batch: after every batch.
     """
@@ -156,13 +161,14 @@ def fit(
     seed_everything(config.seed)
     network = build_network(config.architecture, config.num_classes).to(device)
     cuda = device.type == "cuda"
-    if cuda:
+    amp = mixed_precision_dtype(device, config.mixed_precision)
+    if amp is not None:  # the layout the fast kernels want
         network = network.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     localiser = _Localiser(network, config, train, device)
     cropper = _Cropper.create(train, config)
     optimizer = _optimizer(config, network, localiser.head)
     scheduler = _scheduler(config, optimizer, len(train))
-    scaler = torch.amp.GradScaler("cuda", enabled=cuda)
+    scaler = torch.amp.GradScaler("cuda", enabled=cuda and amp is torch.float16)
     weights = class_weights(train.labels, config.num_classes).to(device)
     history: list[dict[str, float]] = []
     best_score, best_epoch, bad_epochs, start_epoch = -math.inf, 0, 0, 0
@@ -201,6 +207,7 @@ def fit(
             on_batch,
             localiser,
             cropper,
+            amp,
         )
         out_of_time = (isinstance(scheduler, _TimedOneCycle) and scheduler.out_of_time) or (
             config.max_minutes is not None and time.monotonic() - started > config.max_minutes * 60
@@ -371,6 +378,30 @@ def seed_everything(seed: int) -> None:
     torch.backends.cudnn.benchmark = False
 
 
+@functools.cache
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes in bfloat16 natively (AVX-512 BF16 or AMX tiles)."""
+    cpu = getattr(torch, "cpu", None)
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(cpu, name, lambda: False)()) for name in checks)
+
+
+def mixed_precision_dtype(device: torch.device, enabled: bool = True) -> torch.dtype | None:
+    """The autocast type of training on ``device``, or None for plain float32.
+
+    float16 on CUDA (with gradient scaling); bfloat16 on a CPU that has it natively, where
+    it halves the time of a convolution step; None on other CPUs, where bfloat16 is
+    emulated and slower than float32.
+    """
+    if not enabled:
+        return None
+    if device.type == "cuda":
+        return torch.float16
+    if device.type == "cpu" and cpu_has_bf16():
+        return torch.bfloat16
+    return None
+
+
 def resolve_device(name: str) -> torch.device:
     """``auto`` is the first CUDA device when present, else the CPU."""
     if name == "auto":
@@ -394,8 +425,10 @@ def _train_epoch(
     on_batch: Callable[[], None] | None,
     localiser: _Localiser,
     cropper: _Cropper | None = None,
+    amp: torch.dtype | None = None,
 ) -> float:
     network.train()
+    channels_last = amp is not None
     order = torch.randperm(len(data), generator=generator).numpy()
     total, seen = 0.0, 0
     for start in range(0, len(order), config.batch_size):
@@ -404,15 +437,15 @@ def _train_epoch(
             continue
         chunk = data if cropper is None else cropper.crops(index)
         rows = index if cropper is None else np.arange(len(index))
-        batch = _batch(chunk.images[rows], device)
+        batch = _batch(chunk.images[rows], device, channels_last)
         mask = None
         if localiser.active and chunk.masks is not None:
-            mask = _batch(chunk.masks[rows], device)
+            mask = _batch(chunk.masks[rows], device, channels_last)
         if config.augment:
             batch, mask = augment_batch(batch, generator, mask)
         target = torch.from_numpy(chunk.labels[rows]).to(device)
-        with torch.autocast(device.type, enabled=device.type == "cuda"):
-            logits = network(batch)
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            logits = network(batch).float()
         if config.loss == "focal":
             loss = focal_loss(logits, target, weights)
         else:
@@ -434,10 +467,12 @@ def _train_epoch(
     return total / max(seen, 1)
 
 
-def _batch(images: npt.NDArray[np.uint8], device: torch.device) -> torch.Tensor:
+def _batch(
+    images: npt.NDArray[np.uint8], device: torch.device, channels_last: bool | None = None
+) -> torch.Tensor:
     tensor = torch.from_numpy(np.ascontiguousarray(images)).to(device)
     batch = tensor.float().div_(255.0).unsqueeze(1)
-    if device.type == "cuda":
+    if channels_last if channels_last is not None else device.type == "cuda":
         batch = batch.contiguous(memory_format=torch.channels_last)
     return batch
 

@@ -36,6 +36,7 @@ from boneflow.training.engine import (
     ImageSet,
     build_image_set,
     fit,
+    mixed_precision_dtype,
     predict,
     resolve_device,
 )
@@ -263,6 +264,7 @@ def train_and_register(
         "stopped": result.stopped,
         "train_seconds": round(result.seconds, 1),
         "device": str(device),
+        "autocast": str(mixed_precision_dtype(device, config.mixed_precision) or "none"),
         "target_sensitivity": TARGET_SENSITIVITY,
         "images": {"train": len(data.train), "val": len(data.val), "test": len(data.test)},
         **dict(extra_training or {}),

@@ -335,6 +335,7 @@ def test_train_demo_models_registers_a_router_and_a_fracture_model(tmp_path: Pat
     assert fracture.training["schedule"] == router.training["schedule"] == "timed"
     assert fracture.training["stopped"] == "epochs" and fracture.training["epochs_run"] == 1
     assert fracture.training["validate_from"] == plan.fracture_validate_from
+    assert fracture.training["max_minutes"] == plan.fracture_max_minutes  # fast: full limit
     assert fracture.training["hard_negatives"] == plan.fracture_hard_negatives == 0.5
     registry = Registry(settings.resolved_model_dir)
     assert registry.router().model_id == "router@1"
@@ -385,3 +386,15 @@ def test_cli_trains_fracnet_on_crops_of_synth_data(tmp_path: Path) -> None:
     assert main([*args, "--arch", "resnet10", "--crop", "48"]) == 1
     assert main(["train", "--data-dir", str(tmp_path / "node"), "--data", str(root / "x"),
                  "--format", "synth", "--task", "fracture", "--crop", "48"]) == 1  # fmt: skip
+
+
+def test_the_fracture_model_gets_what_is_left_of_the_demo_budget() -> None:
+    from boneflow.training.demo import fracture_minutes
+
+    plan = DemoPlan()
+    # a fast machine: generation and router took 2 minutes, the full limit remains
+    assert fracture_minutes(plan, 2.0) == plan.fracture_max_minutes
+    # a slow one: 3.4 minutes gone, so 9.5 - 3.4 - 0.6 = 5.5 minutes are left
+    assert fracture_minutes(plan, 3.4) == pytest.approx(5.5)
+    # never below the minimum, however slow the start
+    assert fracture_minutes(plan, 9.0) == plan.fracture_min_minutes

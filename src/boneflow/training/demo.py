@@ -13,10 +13,11 @@ import json
 import logging
 import multiprocessing
 import os
+import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Executor, ProcessPoolExecutor
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import numpy.typing as npt
@@ -47,7 +48,10 @@ class DemoPlan:
     mining each epoch and whole-image validation in the last fifth of its time) 6.75 min;
     the final validation and test passes ~0.5 min. Both models follow a one-cycle
     schedule over their time limit (``schedule="timed"``), so a slower machine still
-    ends annealed, at about 10 minutes in all; a faster one stops after the epochs.
+    ends annealed; a faster one stops after the epochs. The whole command is held to
+    ``total_minutes``: the fracture model gets what generation and the router left of it
+    (less ``final_minutes`` for its validation, test and report), at most
+    ``fracture_max_minutes`` and at least ``fracture_min_minutes``.
     """
 
     seed: int = 20261122
@@ -58,12 +62,15 @@ class DemoPlan:
     router_architecture: str = "resnet10"
     fracture_architecture: str = "fracnet"
     router_epochs: int = 2
-    fracture_epochs: int = 40  # a maximum: 2 idle cores manage ~30 in the time limit
+    fracture_epochs: int = 100  # a maximum: 2 idle cores manage ~30 in the time limit
     fracture_crop: int = 128
     batch_size: int = 32
     learning_rate: float = 3e-3
     router_max_minutes: float = 1.5
     fracture_max_minutes: float = 6.75
+    fracture_min_minutes: float = 3.0
+    total_minutes: float = 9.5  # the whole demo training, generation to the last report
+    final_minutes: float = 0.6  # the fracture model's validation, test and report
     localisation_weight: float = 1.0
     fracture_validate_from: float = 0.8  # validate only in the last fifth of the run
     fracture_hard_negatives: float = 0.5  # of the crops off the line: on mined false alarms
@@ -89,6 +96,7 @@ def train_demo_models(
         The registered router and fracture model manifests.
     """
     plan = plan or DemoPlan()
+    started = time.monotonic()
     router_params = PreprocessParams(input_size=plan.router_size)
     fracture_params = PreprocessParams(input_size=plan.fracture_size)
     with progress_bar(progress) as bar:
@@ -123,10 +131,14 @@ def train_demo_models(
             fracture_sets["test"],
         )
         manifests = []
-        for name, data, config, params in (
-            (ROUTER_NAME, router, _config(plan, "router"), router_params),
-            (FRACTURE_NAME, fracture, _config(plan, "fracture"), fracture_params),
+        for name, data, task, params in (
+            (ROUTER_NAME, router, "router", router_params),
+            (FRACTURE_NAME, fracture, "fracture", fracture_params),
         ):
+            config = _config(plan, task)
+            if task == "fracture":
+                spent = (time.monotonic() - started) / 60
+                config = replace(config, max_minutes=fracture_minutes(plan, spent))
             manifests.append(
                 train_and_register(
                     settings,
@@ -144,6 +156,17 @@ def train_demo_models(
                 )
             )
     return manifests
+
+
+def fracture_minutes(plan: DemoPlan, spent_minutes: float) -> float:
+    """The fracture model's time limit once ``spent_minutes`` of the demo have passed.
+
+    What is left of ``plan.total_minutes`` after the final passes, clamped to the plan's
+    minimum and maximum: a slow machine (or a busy one) shortens the fracture model's
+    training rather than the command running long, a fast one keeps the full limit.
+    """
+    left = plan.total_minutes - spent_minutes - plan.final_minutes
+    return round(min(plan.fracture_max_minutes, max(plan.fracture_min_minutes, left)), 2)
 
 
 def demo_test_set(

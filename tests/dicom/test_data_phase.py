@@ -19,7 +19,12 @@ from pynetdicom.dimse_messages import C_STORE_RQ
 from pynetdicom.dimse_primitives import C_ECHO, C_STORE
 from pynetdicom.dsutils import encode
 from pynetdicom.pdu import P_DATA_TF
-from pynetdicom.sop_class import ComputedRadiographyImageStorage, Verification
+from pynetdicom.sop_class import (
+    ComputedRadiographyImageStorage,
+    CTImageStorage,
+    DigitalXRayImageStorageForPresentation,
+    Verification,
+)
 
 import boneflow.dicom.acceptor as acceptor
 
@@ -272,6 +277,30 @@ def test_a_store_of_an_unknown_sop_class_aborts_promptly(
     drop(assoc)
     assert phases == ["serving", "handed back"]
     assert not listener.instances()
+    assert not list(listener.settings.spool_dir.joinpath(".incoming").iterdir())
+
+
+@pytest.mark.parametrize("sop_class", [CTImageStorage, DigitalXRayImageStorageForPresentation])
+def test_a_store_on_another_sop_class_context_is_refused_and_the_association_goes_on(
+    listener: RunningListener, sop_class: str
+) -> None:
+    # pynetdicom serves a C-STORE by the SOP class in its command, whatever the context
+    assoc = associate(listener.port)  # CR and Verification only
+    try:
+        other = fresh()
+        other.SOPClassUID = sop_class
+        assoc.dul.socket.socket.sendall(
+            b"".join(_c_store_pdus(assoc, other, max_pdu=16384, sop_class=sop_class))
+        )
+        _context, response = assoc.dimse.get_msg(block=True)
+        assert response.Status == 0x0122  # SOP class not supported
+        assert assoc.send_c_store(fresh()).Status == 0x0000  # the association goes on
+    finally:
+        assoc.release()
+    refused = listener.instances("refused")
+    assert [r.sop_instance_uid for r in refused] == [other.SOPInstanceUID]
+    assert "0x0122" in refused[0].detail and f"negotiated for {CR}" in refused[0].detail
+    assert len(listener.stored) == 1 and len(listener.instances("stored")) == 1
     assert not list(listener.settings.spool_dir.joinpath(".incoming").iterdir())
 
 

@@ -82,6 +82,7 @@ TRANSFER_SYNTAXES = (
 )
 
 SUCCESS = 0x0000
+SOP_CLASS_NOT_SUPPORTED = 0x0122
 OUT_OF_RESOURCES = 0xA700
 CANNOT_UNDERSTAND = 0xC000
 
@@ -261,6 +262,13 @@ class _Ingest:
         try:
             size = path.stat().st_size
             fields["size_bytes"] = size
+            negotiated = str(event.context.abstract_syntax)
+            if fields["sop_class_uid"] != negotiated:  # pynetdicom serves it regardless
+                raise HeaderProblem(
+                    SOP_CLASS_NOT_SUPPORTED,
+                    f"SOP Class {fields['sop_class_uid']} sent on the presentation context "
+                    f"negotiated for {negotiated}",
+                )
             if shutil.disk_usage(self.spool.root).free < self.settings.min_free_bytes:
                 raise HeaderProblem(OUT_OF_RESOURCES, "free disk below MIN_FREE_BYTES")
             if size > self.settings.max_instance_bytes + 64 * 1024:

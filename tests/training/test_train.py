@@ -398,3 +398,27 @@ def test_the_fracture_model_gets_what_is_left_of_the_demo_budget() -> None:
     assert fracture_minutes(plan, 3.4) == pytest.approx(5.5)
     # never below the minimum, however slow the start
     assert fracture_minutes(plan, 9.0) == plan.fracture_min_minutes
+
+
+def test_a_timed_training_bar_follows_the_clock_and_ends_full() -> None:
+    from rich.progress import Progress
+
+    display = Progress(disable=True)
+    now = [100.0]
+    step, finish = ProgressBar(display).training_stage("fracture", 200, 60.0, lambda: now[0])
+    (task,) = display.tasks
+    for _ in range(10):  # 5 % of the batches, but half of the 60 s limit
+        step()
+    assert task.completed == 10
+    now[0] += 30.0
+    step()
+    assert task.completed == pytest.approx(100)  # the time share: 30 of 60 s
+    now[0] += 300.0
+    step()
+    assert task.completed == 200  # never past the end
+    untimed, _ = ProgressBar(display).training_stage("router", 40, None, lambda: now[0])
+    now[0] += 1000.0
+    untimed()
+    assert display.tasks[1].completed == 1  # without a limit: batches only
+    finish()
+    assert task.completed == task.total == 200

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -231,7 +232,8 @@ def train_and_register(
     run_dir = settings.data_dir / "runs" / name
     device = resolve_device(settings.device)
     batches = -(-len(data.train) // config.batch_size) * config.epochs
-    advance = bar.stage(f"{name}: training {config.architecture}", batches)
+    seconds = config.max_minutes * 60 if config.max_minutes else None
+    step, finish = bar.training_stage(f"{name}: training {config.architecture}", batches, seconds)
     result = fit(
         config,
         data.train,
@@ -240,8 +242,9 @@ def train_and_register(
         device,
         resume=resume,
         on_epoch=lambda line: log.info("%s epoch %s", name, _short(line)),
-        on_batch=lambda: advance(1),
+        on_batch=step,
     )
+    finish()
     val_probs = predict(result.network, data.val, device, config.batch_size)
     test_probs = predict(result.network, data.test, device, config.batch_size)
     if data.task == "fracture":
@@ -364,6 +367,39 @@ class ProgressBar:
             return lambda _n: None
         task_id = self._progress.add_task(description, total=total)  # type: ignore[attr-defined]
         return lambda n: self._progress.advance(task_id, n)  # type: ignore[union-attr]
+
+    def training_stage(
+        self,
+        description: str,
+        batches: int,
+        seconds: float | None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> tuple[Callable[[], None], Callable[[], None]]:
+        """A training stage: ``(step, finish)``, called after each batch and at the end.
+
+        With a time limit the bar shows the larger of the batch share and the time share
+        (a timed run usually stops by the clock, long before its maximum of epochs), so it
+        neither stalls half-way nor promises minutes that will not be spent; ``finish``
+        fills it when training ends early.
+        """
+        if self._progress is None:
+            return (lambda: None), (lambda: None)
+        progress = self._progress
+        task_id = progress.add_task(description, total=batches)  # type: ignore[attr-defined]
+        started, done = clock(), 0
+
+        def step() -> None:
+            nonlocal done
+            done += 1
+            share = done / batches
+            if seconds:
+                share = max(share, (clock() - started) / seconds)
+            progress.update(task_id, completed=min(share, 1.0) * batches)  # type: ignore[attr-defined]
+
+        def finish() -> None:
+            progress.update(task_id, completed=batches)  # type: ignore[attr-defined]
+
+        return step, finish
 
     def iterate(self, items: Iterable[T], description: str, total: int) -> Iterator[T]:
         """Iterate over items while advancing a stage."""

@@ -73,7 +73,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> torch.nn.Module:
     config = FitConfig(
         architecture="fracnet",
         num_classes=2,
-        epochs=8,
+        epochs=12,
         batch_size=16,
         learning_rate=2e-3,
         optimizer="adamw",

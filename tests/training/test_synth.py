@@ -20,13 +20,14 @@ from boneflow.findings import BODY_PARTS
 from boneflow.training.synth import (
     LABEL_COLUMNS,
     SynthSpec,
+    fracture_visibility,
     generate_image,
     render,
     synth_command,
     to_display,
 )
 from boneflow.training.synth_dataset import plan_images
-from boneflow.training.synth_fracture import DIFFICULTIES, FRACTURE_TYPES
+from boneflow.training.synth_fracture import DIFFICULTIES, FRACTURE_TYPES, MIN_VISIBILITY
 
 SIZE = 160
 
@@ -113,6 +114,38 @@ def test_fracture_segment_lies_on_bone() -> None:
             assert on_bone.mean() >= 0.8, (body_part, kind, image.fracture_segment)
             checked += 1
     assert checked == len(BODY_PARTS) * len(FRACTURE_TYPES)
+
+
+def test_visibility_is_contrast_over_the_clutter_around_the_line() -> None:
+    rng = np.random.default_rng(5)
+    smooth = np.full((64, 64), 0.5, np.float32)
+    textured = smooth + rng.normal(0, 0.05, (64, 64)).astype(np.float32)
+    gap = np.zeros((64, 64), np.float32)
+    gap[30:33, 16:48] = -0.2  # a lucent line across the bone
+    segment = (16.0, 31.0, 47.0, 31.0)
+    clear = fracture_visibility(smooth, gap, segment, 1.0)
+    masked = fracture_visibility(textured, gap, segment, 1.0)
+    faint = fracture_visibility(smooth, gap / 4, segment, 1.0)
+    assert clear > 2 * masked > 0  # the same line shows less in trabecular texture
+    assert faint == pytest.approx(clear / 4, rel=0.01)  # contrast scales with depth
+    assert fracture_visibility(smooth, np.zeros_like(gap), segment, 1.0) == 0.0
+    assert fracture_visibility(smooth, gap, (200.0, 200.0, 240.0, 200.0), 1.0) == 0.0
+
+
+def test_fractures_show_at_least_what_their_tier_promises() -> None:
+    """A line that would vanish (dense bone ends, overlaps) is drawn at another site."""
+    rng = np.random.default_rng(33)
+    seen: dict[str, list[float]] = defaultdict(list)
+    for i in range(150):  # at the demo's size; 80-88 % reach the floor at the first site
+        tier = DIFFICULTIES[i % 3]
+        part = BODY_PARTS[i % 7]
+        image = generate_image(rng, part, True, 384, difficulty=tier)
+        seen[tier].append(image.visibility)
+    for tier, values in seen.items():
+        assert np.mean(np.asarray(values) >= MIN_VISIBILITY[tier]) >= 0.95, (tier, values)
+    medians = [float(np.median(seen[t])) for t in DIFFICULTIES]
+    assert medians[0] > medians[1] > medians[2] > 0, medians  # easy shows most
+    assert generate_image(rng, "hand", False, 256).visibility == 0.0
 
 
 def test_monochrome1_is_the_inverse_of_monochrome2() -> None:

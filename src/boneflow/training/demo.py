@@ -27,6 +27,7 @@ from boneflow.findings import BODY_PARTS
 from boneflow.models.registry import FRACTURE_LABELS, ModelManifest
 from boneflow.models.transforms import PreprocessParams
 from boneflow.training.engine import FitConfig, ImageSet, build_image_set
+from boneflow.training.synth import SYNTH_VERSION
 from boneflow.training.train import ProgressBar, TaskData, progress_bar, train_and_register
 
 log = logging.getLogger(__name__)
@@ -78,7 +79,8 @@ class DemoPlan:
     def fingerprint(self) -> str:
         """Identifies the synthetic data (same plan, same images)."""
         keys = ("seed", "source_size", "images", "router_size", "fracture_size")
-        text = json.dumps({k: v for k, v in asdict(self).items() if k in keys})
+        fields = {k: v for k, v in asdict(self).items() if k in keys}
+        text = json.dumps({**fields, "generator": SYNTH_VERSION})
         return "synth:" + hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

@@ -23,16 +23,21 @@ from boneflow.training.synth_anatomy import FRACTURE_BONES, Anatomy, build_anato
 from boneflow.training.synth_fracture import (
     DIFFICULTIES,
     FRACTURE_TYPES,
+    MIN_VISIBILITY,
     PlacedFracture,
     distractors,
     place_fracture,
 )
-from boneflow.training.synth_raster import Canvas, draw_bone, draw_tissue
+from boneflow.training.synth_raster import Canvas, Lucency, draw_bone, draw_tissue
 
 if TYPE_CHECKING:
     from pathlib import Path
 
 log = logging.getLogger(__name__)
+
+# Changes when the same seed draws different images (part of the demo's data fingerprint):
+# 2 (2026-12-06): fractures re-placed where they would not show (MIN_VISIBILITY).
+SYNTH_VERSION = 2
 
 LABEL_COLUMNS: tuple[str, ...] = (
     "file",
@@ -62,6 +67,13 @@ VIEWS: dict[str, tuple[str, ...]] = {
     "lower_leg": ("AP", "LAT"),
     "other": ("PA", "AP"),
 }
+
+# Fracture visibility (see fracture_visibility): attempts at a site, the window around the
+# line (pixels at 512) and the mid-range exposure the clutter is judged at.
+_PLACEMENTS = 8
+_VISIBILITY_WINDOW = 16
+_MU_BONE = 14.0
+_NOISE = 0.018
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +107,8 @@ class SynthImage:
     fracture_segment: tuple[float, float, float, float] | None  # x0, y0, x1, y1 pixels
     laterality: str  # "L", "R" or "" (unpaired)
     view: str  # PA, AP, LAT, OBL
+    # contrast over clutter of the drawn fracture (fracture_visibility); 0 for negatives
+    visibility: float = 0.0
 
 
 def generate_image(
@@ -193,8 +207,15 @@ def render(
         rng,
         mirror=laterality == "L",
     )
+    scale = height / 512.0
+    texture = _texture(rng, height, width)
+    lucencies = tuple(distractors(rng, bone, young, scale) for bone in anatomy.bones)
+    base = Canvas(height, width, anatomy.px_per_unit)
+    for bone, lines in zip(anatomy.bones, lucencies, strict=True):
+        draw_bone(base, bone, texture, None, lines)
+    bone_map = base.bone
     placed: PlacedFracture | None = None
-    kind, tier = "", "none"
+    kind, tier, visibility = "", "none", 0.0
     if fractured:
         drawn_kind = str(rng.choice(list(spec.fracture_types)))
         weights = np.asarray(spec.difficulty_weights) / sum(spec.difficulty_weights)
@@ -202,10 +223,11 @@ def render(
         kind = fracture_type or drawn_kind
         tier = difficulty or drawn_tier
         allowed = FRACTURE_BONES[body_part]
-        placed = place_fracture(rng, anatomy.bones, height, width, kind, tier, allowed)
-        if placed is None:  # pragma: no cover - every view shows a fracturable bone
-            raise ValueError(f"no visible bone to fracture in this {body_part} view")
-    bone_map, values = _expose(rng, anatomy, height, width, young, placed)
+        placed, delta, visibility = _visible_fracture(
+            rng, anatomy, base, texture, lucencies, kind, tier, allowed
+        )
+        bone_map = bone_map + delta
+    values = _expose(rng, anatomy, height, width, bone_map, texture, placed)
     markers = _markers(rng, values, laterality, view, placed)
     pixels, bits, photometric = _quantise(rng, markers, spec)
     image = SynthImage(
@@ -219,8 +241,83 @@ def render(
         fracture_segment=tuple(round(v, 1) for v in placed.segment) if placed else None,  # type: ignore[arg-type]
         laterality=laterality,
         view=view,
+        visibility=round(visibility, 2),
     )
-    return image, bone_map
+    return image, bone_map.astype(np.float32)
+
+
+def fracture_visibility(
+    bone_map: npt.NDArray[np.float32],
+    change: npt.NDArray[np.float32],
+    segment: tuple[float, float, float, float],
+    scale: float,
+) -> float:
+    """How well a drawn fracture stands out from what surrounds it (a contrast-to-clutter ratio).
+
+    ``bone_map`` is the intact bone attenuation, ``change`` what the fracture adds to it
+    (negative in the gap, either sign where fragments moved). The signal is the mean of
+    the strongest changes, one pixel per pixel of line length, after the strongest blur an
+    image may get; the clutter is the fine structure of the bone around the line
+    (trabecular texture, overlapping bones, canals) plus the quantum noise that dense bone
+    lets through, at a mid-range exposure. Both in units of the log image.
+    """
+    height, width = bone_map.shape
+    x0, y0, x1, y1 = segment
+    reach = round(_VISIBILITY_WINDOW * scale)
+    ya, yb = max(int(min(y0, y1)) - reach, 0), min(int(max(y0, y1)) + reach + 1, height)
+    xa, xb = max(int(min(x0, x1)) - reach, 0), min(int(max(x0, x1)) + reach + 1, width)
+    if ya >= yb or xa >= xb:  # the line lies outside the image
+        return 0.0
+    bone = bone_map[ya:yb, xa:xb]
+    moved = np.abs(cv2.GaussianBlur(change[ya:yb, xa:xb], (0, 0), 0.9 * scale))
+    count = min(max(int(math.hypot(x1 - x0, y1 - y0)), 4), moved.size)
+    signal = float(np.partition(moved.ravel(), moved.size - count)[-count:].mean())
+    fine = bone - cv2.GaussianBlur(bone, (0, 0), 2.0 * scale)
+    on_bone = bone > 0.2 * float(bone.max())
+    if not on_bone.any():
+        return 0.0
+    clutter = float(fine[on_bone].std())
+    attenuation = _MU_BONE * float(np.median(bone[on_bone]))
+    noise = _NOISE * math.exp(min(attenuation / 2, math.log(1 / math.sqrt(0.02))))
+    return _MU_BONE * signal / math.hypot(_MU_BONE * clutter, noise)
+
+
+def _visible_fracture(
+    rng: np.random.Generator,
+    anatomy: Anatomy,
+    base: Canvas,
+    texture: npt.NDArray[np.float32],
+    lucencies: tuple[tuple[Lucency, ...], ...],
+    kind: str,
+    tier: str,
+    allowed: tuple[str, ...],
+) -> tuple[PlacedFracture, npt.NDArray[np.float32], float]:
+    """Place a fracture where it shows as its tier promises: it, its change, its visibility.
+
+    A site is drawn again (up to ``_PLACEMENTS`` times) while the fracture's visibility is
+    below its tier's floor (a line lost in the dense trabecular end of a bone, under an
+    overlapping bone); the most visible of the attempts is kept if none reaches it.
+    """
+    height, width = base.height, base.width
+    scale = height / 512.0
+    best: tuple[float, PlacedFracture, npt.NDArray[np.float32]] | None = None
+    for _ in range(_PLACEMENTS):
+        placed = place_fracture(rng, anatomy.bones, height, width, kind, tier, allowed)
+        if placed is None:  # pragma: no cover - every view shows a fracturable bone
+            raise ValueError("no visible bone to fracture in this view")
+        bone, lines = anatomy.bones[placed.bone_index], lucencies[placed.bone_index]
+        intact = Canvas(height, width, anatomy.px_per_unit)
+        draw_bone(intact, bone, texture, None, lines)
+        broken = Canvas(height, width, anatomy.px_per_unit)
+        draw_bone(broken, bone, texture, placed.fracture, lines)
+        change = broken.bone - intact.bone
+        visibility = fracture_visibility(base.bone, change, placed.segment, scale)
+        if best is None or visibility > best[0]:
+            best = (visibility, placed, change)
+        if visibility >= MIN_VISIBILITY[tier]:
+            break
+    assert best is not None
+    return best[1], best[2], best[0]
 
 
 def _check(body_part: str, size: int, fracture_type: str | None, difficulty: str | None) -> None:
@@ -249,22 +346,18 @@ def _expose(
     anatomy: Anatomy,
     height: int,
     width: int,
-    young: bool,
+    bone_map: npt.NDArray[np.float32],
+    texture: npt.NDArray[np.float32],
     placed: PlacedFracture | None,
-) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+) -> npt.NDArray[np.float32]:
     """Attenuation maps to a processed, noisy image in 0..1 (bone bright)."""
     canvas = Canvas(height, width, anatomy.px_per_unit)
-    texture = _texture(rng, height, width)
     scale = height / 512.0
     for t in anatomy.tissues:
         draw_tissue(canvas, t.x0, t.y0, t.x1, t.y1, t.radius, t.density)
     soft = canvas.soft
     if anatomy.blobs:
         soft = soft + _blobs(anatomy, height, width)
-    for i, bone in enumerate(anatomy.bones):
-        fracture = placed.fracture if placed is not None and placed.bone_index == i else None
-        draw_bone(canvas, bone, texture, fracture, distractors(rng, bone, young, scale))
-    bone_map = canvas.bone
     if anatomy.plates:
         bone_map = bone_map + _plates(anatomy, height, width, texture)
     mu_bone = 14.0 * float(rng.uniform(0.8, 1.2))
@@ -288,7 +381,7 @@ def _expose(
     values = np.clip((log_image - lo) / max(hi - lo, 1e-3), 0, 1)
     values = np.power(values, float(rng.uniform(0.75, 1.3)))
     values = _collimate(rng, values.astype(np.float32), placed)
-    return bone_map.astype(np.float32), values
+    return values
 
 
 def _blobs(anatomy: Anatomy, height: int, width: int) -> npt.NDArray[np.float32]:

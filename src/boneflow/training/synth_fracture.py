@@ -34,6 +34,11 @@ _TIERS: dict[str, tuple[tuple[float, float], tuple[float, float], tuple[float, f
     "hard": ((1.0, 1.6), (0.4, 0.6), (0.5, 0.85), 0.0),
 }
 
+# The least visibility (contrast over clutter, see synth.fracture_visibility) each tier's
+# fracture must show; a site where it would not is drawn again. Calibrated on generated
+# images (docs/synth.md): without it some "easy" lines vanished in the dense ends of bones.
+MIN_VISIBILITY: dict[str, float] = {"easy": 4.0, "moderate": 2.5, "hard": 1.3}
+
 
 @dataclass(frozen=True, slots=True)
 class PlacedFracture:

@@ -95,6 +95,35 @@ def test_hard_negatives_are_mined_away_from_the_line() -> None:
         assert not data.masks[i, max(0, y - guard) : y + guard, max(0, x - guard) : x + guard].any()
 
 
+def test_mining_takes_several_separate_peaks_per_image(monkeypatch: pytest.MonkeyPatch) -> None:
+    data = _line_set(32, seed=3)
+    from boneflow.models.networks import build_network
+    from boneflow.training.engine import _Localiser
+
+    network = build_network("fracnet", 2)
+    found = {}
+    for peaks in (1, 3):
+        monkeypatch.setattr(_Cropper, "PEAKS", peaks)
+        cropper = _Cropper.create(data, CONFIG)
+        assert cropper is not None
+        localiser = _Localiser(network, CONFIG, data, CPU)
+        cropper.mine(network, localiser, CPU)
+        localiser.close()
+        found[peaks] = cropper.hard
+    assert len(found[1]) <= len(data) < len(found[3]) <= 3 * len(data)
+    guard = CONFIG.crop_size // 4
+    for i in {i for i, _, _ in found[3]}:
+        spots = [(y, x) for j, y, x in found[3] if j == i]
+        assert len(spots) <= 3
+        for a, (y0, x0) in enumerate(spots):  # a quarter crop apart, never on the line
+            assert data.masks is not None
+            assert not data.masks[
+                i, max(0, y0 - guard) : y0 + guard, max(0, x0 - guard) : x0 + guard
+            ].any()
+            for y1, x1 in spots[a + 1 :]:
+                assert max(abs(y0 - y1), abs(x0 - x1)) >= guard
+
+
 def test_without_masks_crop_size_is_ignored_with_a_warning(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

@@ -329,7 +329,7 @@ def test_train_demo_models_registers_a_router_and_a_fracture_model(tmp_path: Pat
     assert (router.task, router.labels) == ("router", BODY_PARTS)
     assert fracture.task == "fracture" and "other" not in fracture.body_parts
     assert set(fracture.body_parts) == set(BODY_PARTS) - {"other"}
-    assert fracture.training["localisation_weight"] == 1.0
+    assert fracture.training["localisation_weight"] == plan.localisation_weight == 3.0
     assert fracture.training["crop_size"] == 32
     # one cycle over the time limit; this tiny plan ends by its epoch count, validated
     assert fracture.training["schedule"] == router.training["schedule"] == "timed"

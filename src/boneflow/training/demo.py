@@ -72,7 +72,7 @@ class DemoPlan:
     fracture_min_minutes: float = 3.0
     total_minutes: float = 9.5  # the whole demo training, generation to the last report
     final_minutes: float = 0.6  # the fracture model's validation, test and report
-    localisation_weight: float = 1.0
+    localisation_weight: float = 3.0  # the mask loss against the line (1.0 before round 6)
     fracture_validate_from: float = 0.8  # validate only in the last fifth of the run
     fracture_hard_negatives: float = 0.5  # of the crops off the line: on mined false alarms
 

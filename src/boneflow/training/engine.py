@@ -667,6 +667,7 @@ class _Cropper:
     UNIFORM = 0.35  # of the rest: share placed uniformly (the others on bone)
     MIN_LINE_PIXELS = 8  # a crop is positive when it holds this much of the drawn line
     MINE_IMAGES = 128  # whole training images scanned for false alarms after each epoch
+    PEAKS = 3  # evidence peaks looked at per scanned image, a quarter crop apart (1 before 6 Dec)
     POOL = 2000  # hard negatives kept (the newest)
 
     def __init__(
@@ -729,14 +730,20 @@ class _Cropper:
                 rows, cols = evidence.shape[-2:]
                 cell_y = self.data.images.shape[1] / rows
                 cell_x = self.data.images.shape[2] / cols
+                reach = max(int(guard / cell_y), 1)  # peaks at least a quarter crop apart
                 for k, i in enumerate(chunk):
-                    cy, cx = divmod(int(evidence[k].argmax()), cols)
-                    y, x = int((cy + 0.5) * cell_y), int((cx + 0.5) * cell_x)
-                    near = self.masks[
-                        i, max(0, y - guard) : y + guard, max(0, x - guard) : x + guard
-                    ]
-                    if not near.any():
-                        self.hard.append((int(i), y, x))
+                    cells = evidence[k].clone()
+                    for _ in range(self.PEAKS):
+                        cy, cx = divmod(int(cells.argmax()), cols)
+                        cells[
+                            max(0, cy - reach) : cy + reach + 1, max(0, cx - reach) : cx + reach + 1
+                        ] = -math.inf
+                        y, x = int((cy + 0.5) * cell_y), int((cx + 0.5) * cell_x)
+                        near = self.masks[
+                            i, max(0, y - guard) : y + guard, max(0, x - guard) : x + guard
+                        ]
+                        if not near.any():
+                            self.hard.append((int(i), y, x))
         del self.hard[: -self.POOL]
         network.train()
 

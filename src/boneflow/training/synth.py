@@ -227,7 +227,9 @@ def render(
             rng, anatomy, base, texture, lucencies, kind, tier, allowed
         )
         bone_map = bone_map + delta
-    values = _expose(rng, anatomy, height, width, bone_map, texture, placed)
+    if anatomy.plates:
+        bone_map = bone_map + _plates(anatomy, height, width, texture)
+    values = _expose(rng, anatomy, height, width, bone_map, placed)
     markers = _markers(rng, values, laterality, view, placed)
     pixels, bits, photometric = _quantise(rng, markers, spec)
     image = SynthImage(
@@ -301,16 +303,20 @@ def _visible_fracture(
     height, width = base.height, base.width
     scale = height / 512.0
     best: tuple[float, PlacedFracture, npt.NDArray[np.float32]] | None = None
+    intact: dict[int, npt.NDArray[np.float32]] = {}  # each bone alone, unbroken
     for _ in range(_PLACEMENTS):
         placed = place_fracture(rng, anatomy.bones, height, width, kind, tier, allowed)
         if placed is None:  # pragma: no cover - every view shows a fracturable bone
             raise ValueError("no visible bone to fracture in this view")
-        bone, lines = anatomy.bones[placed.bone_index], lucencies[placed.bone_index]
-        intact = Canvas(height, width, anatomy.px_per_unit)
-        draw_bone(intact, bone, texture, None, lines)
+        index = placed.bone_index
+        bone, lines = anatomy.bones[index], lucencies[index]
+        if index not in intact:
+            alone = Canvas(height, width, anatomy.px_per_unit)
+            draw_bone(alone, bone, texture, None, lines)
+            intact[index] = alone.bone
         broken = Canvas(height, width, anatomy.px_per_unit)
         draw_bone(broken, bone, texture, placed.fracture, lines)
-        change = broken.bone - intact.bone
+        change = broken.bone - intact[index]
         visibility = fracture_visibility(base.bone, change, placed.segment, scale)
         if best is None or visibility > best[0]:
             best = (visibility, placed, change)
@@ -347,7 +353,6 @@ def _expose(
     height: int,
     width: int,
     bone_map: npt.NDArray[np.float32],
-    texture: npt.NDArray[np.float32],
     placed: PlacedFracture | None,
 ) -> npt.NDArray[np.float32]:
     """Attenuation maps to a processed, noisy image in 0..1 (bone bright)."""
@@ -358,8 +363,6 @@ def _expose(
     soft = canvas.soft
     if anatomy.blobs:
         soft = soft + _blobs(anatomy, height, width)
-    if anatomy.plates:
-        bone_map = bone_map + _plates(anatomy, height, width, texture)
     mu_bone = 14.0 * float(rng.uniform(0.8, 1.2))
     mu_soft = 1.6 * float(rng.uniform(0.7, 1.3))
     attenuation = mu_soft * soft + mu_bone * bone_map

@@ -247,3 +247,31 @@ def test_the_router_input_is_used_again_when_preprocessing_matches(
     (finding,) = analyzer.analyse([_input(rg3, radiograph_pixels)])
     assert finding.status == FindingStatus.ANALYSED  # router and fracture model both ran
     assert len(calls) == 1  # the test models share their preprocessing
+
+
+def test_the_reported_probability_is_the_manifests_calibration_of_the_network(
+    tmp_path: Path, radiograph_pixels: Pixels
+) -> None:
+    """A calibrated version of the same weights: P and the finding follow the calibration."""
+    from dataclasses import replace
+
+    from boneflow.models.registry import platt
+    from tests.model_fixtures import make_test_models
+
+    make_test_models(tmp_path)
+    registry = Registry(tmp_path)
+    (raw,) = Analyzer(registry, "cpu").analyse([_input("RG3_UNCR", radiograph_pixels)])
+    assert raw.fracture_model is not None and raw.fracture_probability is not None
+    leg = registry.load(raw.fracture_model.name)
+    scaling = {"scale": 0.5, "offset": -2.0}
+    expected = float(platt([raw.fracture_probability], 0.5, -2.0)[0])
+    registry.register(
+        leg.network,
+        replace(leg.manifest, version="2", calibration=scaling, threshold=expected + 0.01),
+    )
+    (calibrated,) = Analyzer(registry, "cpu").analyse([_input("RG3_UNCR", radiograph_pixels)])
+    assert calibrated.fracture_model == ModelId(leg.manifest.name, "2")
+    assert calibrated.fracture_probability == pytest.approx(expected, abs=1e-6)
+    assert calibrated.fracture_probability != pytest.approx(raw.fracture_probability, abs=0.01)
+    assert calibrated.fracture_present is False  # the threshold applies to the calibrated P
+    assert calibrated.threshold == pytest.approx(expected + 0.01)

@@ -8,6 +8,7 @@ import logging
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -184,6 +185,34 @@ def test_manifest_validation() -> None:
         _manifest(threshold=1.5)
     with pytest.raises(ValueError, match="task"):
         _manifest(task="segmentation")
+    with pytest.raises(ValueError, match="scale"):
+        _manifest(calibration={"scale": 0.0, "offset": 0.0})
+    with pytest.raises(ValueError, match="offset"):
+        _manifest(calibration={"scale": 1.0, "offset": float("nan")})
+    with pytest.raises(ValueError, match="only a fracture model"):
+        replace(_router(), calibration={"scale": 1.0, "offset": 0.0})
+
+
+def test_calibration_round_trips_and_older_manifests_report_the_raw_probability(
+    tmp_path: Path, network: torch.nn.Module
+) -> None:
+    registry = Registry(tmp_path)
+    registry.register(network, _manifest(calibration={"scale": 2.0, "offset": -1.0}))
+    loaded = registry.load("fx").manifest
+    assert loaded.calibration == {"scale": 2.0, "offset": -1.0}
+    # sigmoid(2 * logit(p) - 1): p = 0.5 -> sigmoid(-1), monotone, within 0..1
+    assert loaded.fracture_probability([0.5])[0] == pytest.approx(1 / (1 + np.e))
+    p = np.linspace(0.0, 1.0, 11)
+    calibrated = loaded.fracture_probability(p)
+    assert np.all(np.diff(calibrated) > 0) and 0.0 < calibrated.min() < calibrated.max() < 1.0
+    # a manifest written before calibration existed: the network's p unchanged
+    old = registry.register(network, _manifest(version="2"))
+    path = tmp_path / "fx" / "2" / MANIFEST_FILE
+    data = json.loads(path.read_text())
+    del data["calibration"]
+    path.write_text(json.dumps(data))
+    assert old.calibration == {} and registry.load("fx", "2").manifest.calibration == {}
+    assert np.array_equal(registry.load("fx", "2").manifest.fracture_probability(p), p)
 
 
 def test_models_command(

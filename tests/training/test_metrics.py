@@ -10,6 +10,7 @@ from boneflow.training.metrics import (
     binary_metrics,
     calibration,
     choose_threshold,
+    fit_platt,
     multiclass_metrics,
     sensitivity_at_specificity,
 )
@@ -57,6 +58,28 @@ def test_calibration_of_calibrated_and_overconfident_predictions() -> None:
     assert ece < 0.02 and len(table) == 10
     overconfident, _ = calibration(y, np.where(p > 0.5, 1.0, 0.0))
     assert overconfident > 0.2
+
+
+def test_platt_scaling_recovers_a_known_miscalibration() -> None:
+    """A network that is overconfident and leans positive: the truth is sigmoid(z/2 - 1)."""
+    from sklearn.metrics import roc_auc_score
+
+    from boneflow.models.registry import platt
+
+    rng = np.random.default_rng(7)
+    z = rng.normal(0.0, 3.0, 40000)
+    raw = 1.0 / (1.0 + np.exp(-z))
+    y = (rng.random(z.size) < 1.0 / (1.0 + np.exp(-(0.5 * z - 1.0)))).astype(int)
+    scale, offset = fit_platt(y, raw)
+    assert scale == pytest.approx(0.5, abs=0.03) and offset == pytest.approx(-1.0, abs=0.06)
+    calibrated = platt(raw, scale, offset)
+    before, _ = calibration(y, raw)
+    after, _ = calibration(y, calibrated)
+    assert before > 0.1 and after < 0.015
+    assert roc_auc_score(y, calibrated) == pytest.approx(roc_auc_score(y, raw))  # monotone
+    # nothing to fit on one class; a model that is wrong way round is not "calibrated"
+    assert fit_platt([1, 1, 1], [0.2, 0.6, 0.9]) == (1.0, 0.0)
+    assert fit_platt([0, 0, 1, 1], [0.9, 0.8, 0.2, 0.1]) == (1.0, 0.0)
 
 
 def test_multiclass_metrics() -> None:

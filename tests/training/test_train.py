@@ -337,6 +337,12 @@ def test_train_demo_models_registers_a_router_and_a_fracture_model(tmp_path: Pat
     assert fracture.training["validate_from"] == plan.fracture_validate_from
     assert fracture.training["max_minutes"] == plan.fracture_max_minutes  # fast: full limit
     assert fracture.training["hard_negatives"] == plan.fracture_hard_negatives == 0.5
+    # P(fracture) is calibrated on validation; the router reports its softmax as it is
+    assert set(fracture.calibration) == {"scale", "offset"} and fracture.calibration["scale"] > 0
+    assert router.calibration == {}
+    assert "ece_uncalibrated" in fracture.metrics and "ece_uncalibrated" not in router.metrics
+    card = (tmp_path / "reports" / "fracture-limbs-1" / "model_card.md").read_text()
+    assert "Platt scaling fitted on validation" in card
     registry = Registry(settings.resolved_model_dir)
     assert registry.router().model_id == "router@1"
     covering = registry.fracture_model_for("wrist")

@@ -289,7 +289,9 @@ class Analyzer:
         t0 = time.perf_counter()
         with self._autocast():
             logits, maps = cam(self._batch([x for x, _ in inputs]))
-        probabilities = torch.softmax(logits.float(), dim=1)[:, 1].cpu().numpy()
+        probabilities = manifest.fracture_probability(
+            torch.softmax(logits.float(), dim=1)[:, 1].cpu().numpy()
+        )
         maps_np = maps.float().cpu().numpy()
         model_ms = _ms_since(t0) / len(chunk)
         fracture_id = ModelId(manifest.name, manifest.version)

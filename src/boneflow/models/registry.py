@@ -1,9 +1,10 @@
 """The model registry on disk: ``<MODEL_DIR>/<name>/<version>/{model.safetensors, manifest.json}``.
 
 Weights are safetensors (no code runs when they load); the manifest names the network,
-labels, preprocessing, operating threshold, metrics and the sha256 of the weights, which is
-checked on every load. A version folder is written under a temporary name and renamed into
-place, so a reader never sees half a model; versions are never overwritten.
+labels, preprocessing, operating threshold, probability calibration, metrics and the sha256
+of the weights, which is checked on every load. A version folder is written under a
+temporary name and renamed into place, so a reader never sees half a model; versions are
+never overwritten.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -21,6 +23,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
+import numpy.typing as npt
 import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
@@ -49,7 +53,11 @@ class ModelManifest:
     ``("no_fracture", "fracture")``). ``body_parts`` are the parts the model covers.
     ``threshold`` is, for a fracture model, the operating threshold on P(fracture); for a
     router, the minimum confidence to accept a part. ``preprocessing`` is
-    :meth:`boneflow.models.transforms.PreprocessParams.to_dict`.
+    :meth:`boneflow.models.transforms.PreprocessParams.to_dict`. ``calibration`` (fracture
+    models, optional) is Platt scaling fitted on validation, ``{"scale": a, "offset": b}``:
+    the reported P(fracture) is ``sigmoid(a * logit(p) + b)`` of the network's ``p``
+    (:meth:`fracture_probability`), and ``threshold`` applies to that calibrated value.
+    Empty (manifests written before 2026-12-07): the network's ``p`` unchanged.
     """
 
     name: str
@@ -65,6 +73,7 @@ class ModelManifest:
     data_fingerprint: str = ""
     created_at: str = ""
     training: Mapping[str, Any] = field(default_factory=dict)
+    calibration: Mapping[str, float] = field(default_factory=dict)
     weights_file: str = WEIGHTS_FILE
     weights_sha256: str = ""
 
@@ -80,6 +89,22 @@ class ModelManifest:
             raise ValueError("a model needs at least two labels")
         if not 0.0 <= self.threshold <= 1.0:
             raise ValueError(f"threshold must be within 0..1, not {self.threshold}")
+        if self.calibration:
+            scale = self.calibration.get("scale")
+            offset = self.calibration.get("offset")
+            if self.task != "fracture":
+                raise ValueError("only a fracture model has a probability calibration")
+            if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0.0):
+                raise ValueError(f"calibration scale must be a positive number, not {scale!r}")
+            if not (isinstance(offset, (int, float)) and math.isfinite(offset)):
+                raise ValueError(f"calibration offset must be a finite number, not {offset!r}")
+
+    def fracture_probability(self, raw: npt.ArrayLike) -> npt.NDArray[np.float64]:
+        """The reported P(fracture) for the network's softmax ``raw`` (its calibration)."""
+        p = np.asarray(raw, dtype=np.float64)
+        if not self.calibration:
+            return p
+        return platt(p, float(self.calibration["scale"]), float(self.calibration["offset"]))
 
     @property
     def model_id(self) -> str:
@@ -94,6 +119,7 @@ class ModelManifest:
         data["preprocessing"] = dict(self.preprocessing)
         data["metrics"] = dict(self.metrics)
         data["training"] = dict(self.training)
+        data["calibration"] = dict(self.calibration)
         return data
 
     @classmethod
@@ -105,7 +131,16 @@ class ModelManifest:
         values["body_parts"] = tuple(values.get("body_parts", ()))
         values["input_size"] = int(values.get("input_size", 224))
         values["threshold"] = float(values.get("threshold", 0.5))
+        scaling = dict(values.get("calibration") or {})
+        values["calibration"] = {k: float(v) for k, v in scaling.items()}
         return cls(**values)
+
+
+def platt(probabilities: npt.ArrayLike, scale: float, offset: float) -> npt.NDArray[np.float64]:
+    """``sigmoid(scale * logit(p) + offset)``: Platt scaling of probabilities (monotone)."""
+    p = np.clip(np.asarray(probabilities, dtype=np.float64), 1e-7, 1.0 - 1e-7)
+    z = scale * (np.log(p) - np.log1p(-p)) + offset
+    return np.asarray(1.0 / (1.0 + np.exp(-np.clip(z, -500.0, 500.0))), dtype=np.float64)
 
 
 @dataclass(frozen=True)

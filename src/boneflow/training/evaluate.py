@@ -116,6 +116,8 @@ def summary(evaluation: Evaluation) -> dict[str, float | None]:
         for k in ("roc_auc", "sensitivity", "specificity", "accuracy", "f1", "cohen_kappa", "ece")
     }
     out["sensitivity_at_specificity_0.85"] = _number(m.get("sensitivity_at_specificity_0.85"))
+    if "ece_uncalibrated" in m:
+        out["ece_uncalibrated"] = _number(m.get("ece_uncalibrated"))
     tiers = m.get("by_difficulty")
     if isinstance(tiers, dict):
         for tier, values in tiers.items():

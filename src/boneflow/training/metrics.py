@@ -36,6 +36,59 @@ def choose_threshold(
     return float(np.clip(threshold, 1e-6, 1.0))
 
 
+def fit_platt(labels: npt.ArrayLike, probabilities: npt.ArrayLike) -> tuple[float, float]:
+    """Platt scaling of a binary model, fitted on validation: ``(scale, offset)``.
+
+    The calibrated probability is ``sigmoid(scale * logit(p) + offset)`` (see
+    :func:`boneflow.models.registry.platt`): a monotone map, so ROC-AUC, sensitivity and
+    specificity at the correspondingly moved threshold do not change, only what the number
+    means. Maximum likelihood by Newton's method, on Platt's smoothed targets and with a
+    light pull towards the identity (so a small or separable validation set cannot send the
+    scale to infinity). The identity
+    ``(1.0, 0.0)`` when a class is missing or the fit would not be increasing.
+    """
+    y = np.asarray(labels, dtype=np.float64)
+    z = _logit(np.asarray(probabilities, dtype=np.float64))
+    if y.size == 0 or y.min() == y.max():
+        return 1.0, 0.0
+    # Platt's smoothed targets: a separable validation set does not ask for certainty
+    positives = float(y.sum())
+    negatives = float(y.size) - positives
+    y = np.where(y > 0.5, (positives + 1.0) / (positives + 2.0), 1.0 / (negatives + 2.0))
+    x = np.stack([z, np.ones_like(z)], axis=1)
+    identity = np.array([1.0, 0.0])
+    ridge = 1e-3 * y.size
+
+    def loss(w: FloatArray) -> float:
+        a = x @ w  # cross-entropy of sigmoid(a), stable for large |a|
+        penalty = 0.5 * ridge * float(np.sum((w - identity) ** 2))
+        return float(np.sum(np.logaddexp(0.0, a) - y * a)) + penalty
+
+    w = identity.copy()
+    current = loss(w)
+    for _ in range(100):
+        p = 1.0 / (1.0 + np.exp(-np.clip(x @ w, -500.0, 500.0)))
+        gradient = x.T @ (p - y) + ridge * (w - identity)
+        hessian = (x * (p * (1.0 - p))[:, None]).T @ x + ridge * np.eye(2)
+        step = np.linalg.solve(hessian, gradient)
+        shrink = 1.0  # backtracking: Newton's full step can overshoot
+        while shrink > 1e-6 and loss(w - shrink * step) > current:
+            shrink /= 2.0
+        w = w - shrink * step
+        current = loss(w)
+        if float(np.abs(shrink * step).max()) < 1e-9:
+            break
+    scale, offset = float(w[0]), float(w[1])
+    if not (math.isfinite(scale) and math.isfinite(offset)) or scale <= 0.0:
+        return 1.0, 0.0
+    return scale, offset
+
+
+def _logit(p: FloatArray) -> FloatArray:
+    clipped = np.clip(p, 1e-7, 1.0 - 1e-7)
+    return np.asarray(np.log(clipped) - np.log1p(-clipped), dtype=np.float64)
+
+
 def binary_metrics(
     labels: npt.ArrayLike, probabilities: npt.ArrayLike, threshold: float
 ) -> dict[str, object]:

@@ -87,6 +87,7 @@ def model_card(
             if evaluation.task == "fracture"
             else "(minimum router confidence to accept a body part)"
         ),
+        *_calibration_line(manifest),
         f"- preprocessing: {json.dumps(manifest.get('preprocessing', {}))}",
         f"- data fingerprint: `{manifest.get('data_fingerprint', '')}`",
         "",
@@ -124,9 +125,29 @@ def model_card(
         "radiographs.",
         "- The threshold trades sensitivity for specificity; it was fixed on validation data "
         "before the test split was seen.",
+        *(
+            [
+                "- P(fracture) is calibrated to the validation split's share of fractures; "
+                "where fractures are rarer, the same number overstates the risk."
+            ]
+            if manifest.get("calibration")
+            else []
+        ),
         "",
     ]
     return "\n".join(lines)
+
+
+def _calibration_line(manifest: Mapping[str, object]) -> list[str]:
+    scaling = manifest.get("calibration")
+    if not isinstance(scaling, Mapping) or not scaling:
+        return []
+    offset = float(scaling["offset"])
+    return [
+        "- probability calibration: Platt scaling fitted on validation, P = sigmoid("
+        f"{float(scaling['scale']):.4f} * logit(p) {'-' if offset < 0 else '+'} "
+        f"{abs(offset):.4f}) of the network's p"
+    ]
 
 
 # ---- plots ------------------------------------------------------------------------------

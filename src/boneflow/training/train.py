@@ -22,7 +22,13 @@ import numpy.typing as npt
 from boneflow.config import Settings
 from boneflow.findings import BODY_PARTS
 from boneflow.models.networks import evidence_layer
-from boneflow.models.registry import FRACTURE_LABELS, LoadedModel, ModelManifest, Registry
+from boneflow.models.registry import (
+    FRACTURE_LABELS,
+    LoadedModel,
+    ModelManifest,
+    Registry,
+    platt,
+)
 from boneflow.models.transforms import PreprocessParams
 from boneflow.training.datasets import (
     DatasetError,
@@ -47,7 +53,7 @@ from boneflow.training.evaluate import (
     evaluate_predictions,
     summary,
 )
-from boneflow.training.metrics import choose_threshold
+from boneflow.training.metrics import calibration, choose_threshold, fit_platt
 from boneflow.training.options import EvaluateOptions, TrainOptions
 from boneflow.training.report import write_report
 
@@ -247,7 +253,13 @@ def train_and_register(
     finish()
     val_probs = predict(result.network, data.val, device, config.batch_size)
     test_probs = predict(result.network, data.test, device, config.batch_size)
+    scaling: dict[str, float] = {}
     if data.task == "fracture":
+        uncalibrated_ece, _ = calibration(data.test.labels, test_probs[:, 1])
+        scale, offset = fit_platt(data.val.labels, val_probs[:, 1])
+        scaling = {"scale": scale, "offset": offset}
+        val_probs = _binary(platt(val_probs[:, 1], scale, offset))
+        test_probs = _binary(platt(test_probs[:, 1], scale, offset))
         threshold = choose_threshold(data.val.labels, val_probs[:, 1], TARGET_SENSITIVITY)
     else:
         threshold = router_threshold(data.val.labels, val_probs)
@@ -260,6 +272,8 @@ def train_and_register(
         data.test.difficulties,
         threshold,
     )
+    if scaling:  # what the reliability of the network's own probabilities was
+        evaluation.metrics["ece_uncalibrated"] = uncalibrated_ece
     training = {
         **config.to_dict(),
         "best_epoch": result.best_epoch,
@@ -282,6 +296,7 @@ def train_and_register(
         input_size=params.input_size,
         preprocessing=params.to_dict(),
         threshold=float(threshold),
+        calibration=scaling,
         metrics={**summary(evaluation), "test_n": len(data.test)},
         data_fingerprint=fingerprint,
         training=training,
@@ -291,6 +306,12 @@ def train_and_register(
     write_report(folder, evaluation, result.history, registered.to_dict(), data_report)
     log.info("registered %s; report in %s", registered.model_id, folder)
     return registered
+
+
+def _binary(positive: npt.ArrayLike) -> npt.NDArray[np.float32]:
+    """N x 2 probabilities ``[1 - p, p]`` from P(positive)."""
+    p = np.asarray(positive, dtype=np.float32)
+    return np.stack([1.0 - p, p], axis=1).astype(np.float32)
 
 
 def router_threshold(labels: npt.ArrayLike, probabilities: npt.ArrayLike) -> float:
@@ -341,6 +362,8 @@ def evaluate_registered(
             )
     network = loaded.network.to(device)
     probs = predict(network, images, device, options.batch_size)
+    if manifest.task == "fracture":  # the reported probability: the manifest's calibration
+        probs = _binary(manifest.fracture_probability(probs[:, 1]))
     return evaluate_predictions(
         manifest.task,
         manifest.labels,

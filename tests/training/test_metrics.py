@@ -110,6 +110,29 @@ def test_fracture_breakdown_by_difficulty_compares_each_tier_with_all_negatives(
     headline = summary(evaluation)
     assert headline["roc_auc_hard"] == pytest.approx(4 / 8)
     assert headline["sensitivity"] == pytest.approx(0.5)
+    assert "by_fracture_type" not in evaluation.metrics  # the data did not name types
+
+
+def test_fracture_breakdown_by_type_compares_each_type_with_all_negatives() -> None:
+    y = np.array([0, 0, 0, 0, 1, 1, 1, 1, 1])
+    p = np.array([0.1, 0.2, 0.3, 0.4, 0.9, 0.8, 0.35, 0.15, 0.6])
+    kinds = ["none"] * 4 + ["buckle", "buckle", "hairline", "hairline", "oblique"]
+    evaluation = evaluate_predictions(
+        "fracture",
+        ("no_fracture", "fracture"),
+        y,
+        np.stack([1 - p, p], 1),
+        ["hand"] * 9,
+        ["none"] * 4 + ["easy"] * 5,
+        0.5,
+        kinds,
+    )
+    by_type = evaluation.metrics["by_fracture_type"]
+    assert isinstance(by_type, dict) and set(by_type) == {"buckle", "hairline", "oblique"}
+    assert by_type["buckle"]["roc_auc"] == pytest.approx(1.0)
+    assert by_type["hairline"]["roc_auc"] == pytest.approx(4 / 8)
+    assert (by_type["hairline"]["n"], by_type["hairline"]["sensitivity"]) == (6, 0.0)
+    assert (by_type["oblique"]["n"], by_type["oblique"]["sensitivity"]) == (5, 1.0)
 
 
 def test_router_summary_reports_coverage_at_the_threshold() -> None:

@@ -30,6 +30,7 @@ from boneflow.training.engine import (
     predict,
 )
 from boneflow.training.synth import generate_image, to_display
+from boneflow.training.synth_fracture import FRACTURE_TYPES
 from boneflow.training.train import ProgressBar, TaskData, task_data, train_and_register
 
 PARTS = ("hand", "lower_leg", "other")  # three clearly different shapes
@@ -343,6 +344,11 @@ def test_train_demo_models_registers_a_router_and_a_fracture_model(tmp_path: Pat
     assert "ece_uncalibrated" in fracture.metrics and "ece_uncalibrated" not in router.metrics
     card = (tmp_path / "reports" / "fracture-limbs-1" / "model_card.md").read_text()
     assert "Platt scaling fitted on validation" in card
+    # synthetic data name their fracture types: the report breaks the results down by type
+    report = json.loads((tmp_path / "reports" / "fracture-limbs-1" / "metrics.json").read_text())
+    by_type = report["metrics"]["by_fracture_type"]
+    assert by_type and set(by_type) <= set(FRACTURE_TYPES)
+    assert "Per fracture type" in card
     registry = Registry(settings.resolved_model_dir)
     assert registry.router().model_id == "router@1"
     covering = registry.fracture_model_for("wrist")
@@ -388,6 +394,10 @@ def test_cli_trains_fracnet_on_crops_of_synth_data(tmp_path: Path) -> None:
     manifest = Registry(tmp_path / "node" / "models").manifest("fracture-synth")
     assert manifest.architecture == "fracnet"
     assert manifest.training["crop_size"] == 48
+    # labels.csv names each fracture's type: the report of a synth data set breaks them down
+    report = tmp_path / "node" / "reports" / f"fracture-synth-{manifest.version}" / "metrics.json"
+    by_type = json.loads(report.read_text())["metrics"]["by_fracture_type"]
+    assert by_type and set(by_type) <= set(FRACTURE_TYPES)
     # Crops need a network that scores whole images, and located fractures.
     assert main([*args, "--arch", "resnet10", "--crop", "48"]) == 1
     assert main(["train", "--data-dir", str(tmp_path / "node"), "--data", str(root / "x"),

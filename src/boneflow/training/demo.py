@@ -263,6 +263,7 @@ def _make_chunk(
     parts: list[str] = []
     fractured: list[bool] = []
     tiers: list[str] = []
+    types: list[str] = []
     segments: list[tuple[float, float, float, float] | None] = []
     for i in patients:
         rng = patient_rng(plan.seed, split, i)
@@ -273,6 +274,7 @@ def _make_chunk(
         parts.append(part)
         fractured.append(bool(image.fractured))
         tiers.append(str(image.difficulty))
+        types.append(image.fracture_type or "none")
         segments.append(image.fracture_segment)
     router = build_image_set(
         images, [BODY_PARTS.index(p) for p in parts], router_params, parts, tiers
@@ -285,6 +287,7 @@ def _make_chunk(
         [parts[i] for i in limb],
         [tiers[i] for i in limb],
         segments=[segments[i] for i in limb],
+        fracture_types=[types[i] for i in limb],
     )
     return router, fracture
 
@@ -297,6 +300,11 @@ def _concatenate(sets: list[ImageSet]) -> ImageSet:
         body_parts=tuple(p for s in sets for p in s.body_parts),
         difficulties=tuple(d for s in sets for d in s.difficulties),
         masks=np.concatenate(masks) if len(masks) == len(sets) else None,
+        fracture_types=(
+            tuple(t for s in sets for t in s.fracture_types)
+            if all(len(s.fracture_types) == len(s) for s in sets)
+            else ()
+        ),
     )
 
 

@@ -44,6 +44,7 @@ class ImageSet:
     body_parts: tuple[str, ...]
     difficulties: tuple[str, ...]
     masks: npt.NDArray[np.uint8] | None = None  # N x S x S, 255 on the fracture line (synth)
+    fracture_types: tuple[str, ...] = ()  # per image ("none" for negatives), when the data say
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -101,6 +102,7 @@ def build_image_set(
     difficulties: Sequence[str] | None = None,
     progress: Callable[[int], None] | None = None,
     segments: Sequence[tuple[float, float, float, float] | None] | None = None,
+    fracture_types: Sequence[str] | None = None,
 ) -> ImageSet:
     """Preprocess every image once into a ``uint8`` cache.
 
@@ -113,6 +115,8 @@ def build_image_set(
         progress: called with the number of images just done.
         segments: per image, the fracture line ``(x0, y0, x1, y1)`` in source pixels (or
             None); drawn into ``masks`` on the network input's grid.
+        fracture_types: fracture type of each image ("none" for negatives), if known (for
+            per-type metrics).
     """
     count = len(labels)
     size = params.input_size
@@ -133,6 +137,7 @@ def build_image_set(
         body_parts=tuple(body_parts),
         difficulties=tuple(difficulties or ["none"] * count),
         masks=masks,
+        fracture_types=tuple(fracture_types or ()),
     )
 
 

@@ -58,12 +58,14 @@ def evaluate_predictions(
     body_parts: Sequence[str],
     difficulties: Sequence[str],
     threshold: float,
+    fracture_types: Sequence[str] = (),
 ) -> Evaluation:
     """Metrics of a router (multi-class) or fracture model (binary at ``threshold``).
 
     Fracture metrics per difficulty compare the positives of that tier with all negatives,
     so that each tier's ROC-AUC answers "how well are *these* fractures told apart from
-    normal images".
+    normal images"; so do those per fracture type, when ``fracture_types`` (one per image)
+    are given.
     """
     y = np.asarray(labels, dtype=np.int64)
     probs = np.asarray(probabilities, dtype=np.float32)
@@ -85,6 +87,14 @@ def evaluate_predictions(
             mask = (y == 0) | ((y == 1) & (tiers == tier))
             by_tier[str(tier)] = binary_metrics(y[mask], p[mask], threshold)
         metrics["by_difficulty"] = by_tier
+        if len(fracture_types) == y.size:
+            kinds = np.asarray(fracture_types, dtype=object)
+            metrics["by_fracture_type"] = {
+                str(kind): binary_metrics(
+                    y[(y == 0) | (kinds == kind)], p[(y == 0) | (kinds == kind)], threshold
+                )
+                for kind in sorted({k for k, label in zip(kinds, y, strict=True) if label == 1})
+            }
     else:
         metrics = multiclass_metrics(y, probs, class_names)
         confidence = probs.max(axis=1)

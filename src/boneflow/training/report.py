@@ -255,7 +255,11 @@ def _save(fig: object, path: Path) -> Path:
 
 def _breakdown(evaluation: Evaluation) -> list[str]:
     lines: list[str] = []
-    sections = (("by_body_part", "Per body part"), ("by_difficulty", "Per fracture difficulty"))
+    sections = (
+        ("by_body_part", "Per body part"),
+        ("by_difficulty", "Per fracture difficulty"),
+        ("by_fracture_type", "Per fracture type (that type's fractures against all normals)"),
+    )
     for key, title in sections:
         groups = evaluation.metrics.get(key)
         if not isinstance(groups, dict) or not groups:

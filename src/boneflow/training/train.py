@@ -213,6 +213,7 @@ def task_data(
             [r.difficulty or ("unknown" if r.fractured else "none") for r in chosen],
             progress=advance,
             segments=[r.fracture_segment for r in chosen] if located else None,
+            fracture_types=_fracture_types(chosen),
         )
     return TaskData(task, names, covered, splits["train"], splits["val"], splits["test"])
 
@@ -271,6 +272,7 @@ def train_and_register(
         data.test.body_parts,
         data.test.difficulties,
         threshold,
+        data.test.fracture_types,
     )
     if scaling:  # what the reliability of the network's own probabilities was
         evaluation.metrics["ece_uncalibrated"] = uncalibrated_ece
@@ -306,6 +308,13 @@ def train_and_register(
     write_report(folder, evaluation, result.history, registered.to_dict(), data_report)
     log.info("registered %s; report in %s", registered.model_id, folder)
     return registered
+
+
+def _fracture_types(records: Sequence[Record]) -> list[str] | None:
+    """Per record its fracture type ("none" if not fractured), when the data set names any."""
+    if not any(r.fracture_type for r in records):
+        return None
+    return [r.fracture_type or ("unknown" if r.fractured else "none") for r in records]
 
 
 def _binary(positive: npt.ArrayLike) -> npt.NDArray[np.float32]:
@@ -359,6 +368,7 @@ def evaluate_registered(
                 [r.body_part or "unknown" for r in chosen],
                 [r.difficulty or ("unknown" if r.fractured else "none") for r in chosen],
                 progress=bar.stage("preprocessing", len(chosen)),
+                fracture_types=_fracture_types(chosen),
             )
     network = loaded.network.to(device)
     probs = predict(network, images, device, options.batch_size)
@@ -372,6 +382,7 @@ def evaluate_registered(
         images.body_parts,
         images.difficulties,
         manifest.threshold,
+        images.fracture_types,
     )
 
 

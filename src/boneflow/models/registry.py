@@ -136,10 +136,15 @@ class ModelManifest:
         return cls(**values)
 
 
+def logit(probabilities: npt.ArrayLike) -> npt.NDArray[np.float64]:
+    """``log(p / (1 - p))``, with p kept within 1e-7 of 0 and 1."""
+    p = np.clip(np.asarray(probabilities, dtype=np.float64), 1e-7, 1.0 - 1e-7)
+    return np.asarray(np.log(p) - np.log1p(-p), dtype=np.float64)
+
+
 def platt(probabilities: npt.ArrayLike, scale: float, offset: float) -> npt.NDArray[np.float64]:
     """``sigmoid(scale * logit(p) + offset)``: Platt scaling of probabilities (monotone)."""
-    p = np.clip(np.asarray(probabilities, dtype=np.float64), 1e-7, 1.0 - 1e-7)
-    z = scale * (np.log(p) - np.log1p(-p)) + offset
+    z = scale * logit(probabilities) + offset
     return np.asarray(1.0 / (1.0 + np.exp(-np.clip(z, -500.0, 500.0))), dtype=np.float64)
 
 

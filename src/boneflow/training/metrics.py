@@ -13,6 +13,8 @@ import numpy as np
 import numpy.typing as npt
 from sklearn.metrics import cohen_kappa_score, confusion_matrix, roc_auc_score, roc_curve
 
+from boneflow.models.registry import logit
+
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
 
@@ -44,11 +46,11 @@ def fit_platt(labels: npt.ArrayLike, probabilities: npt.ArrayLike) -> tuple[floa
     specificity at the correspondingly moved threshold do not change, only what the number
     means. Maximum likelihood by Newton's method, on Platt's smoothed targets and with a
     light pull towards the identity (so a small or separable validation set cannot send the
-    scale to infinity). The identity
-    ``(1.0, 0.0)`` when a class is missing or the fit would not be increasing.
+    scale to infinity). The identity ``(1.0, 0.0)`` when a class is missing or the fit
+    would not be increasing.
     """
     y = np.asarray(labels, dtype=np.float64)
-    z = _logit(np.asarray(probabilities, dtype=np.float64))
+    z = logit(probabilities)
     if y.size == 0 or y.min() == y.max():
         return 1.0, 0.0
     # Platt's smoothed targets: a separable validation set does not ask for certainty
@@ -82,11 +84,6 @@ def fit_platt(labels: npt.ArrayLike, probabilities: npt.ArrayLike) -> tuple[floa
     if not (math.isfinite(scale) and math.isfinite(offset)) or scale <= 0.0:
         return 1.0, 0.0
     return scale, offset
-
-
-def _logit(p: FloatArray) -> FloatArray:
-    clipped = np.clip(p, 1e-7, 1.0 - 1e-7)
-    return np.asarray(np.log(clipped) - np.log1p(-clipped), dtype=np.float64)
 
 
 def binary_metrics(

@@ -229,4 +229,9 @@ def test_models_command(
     assert models_command(settings, as_json=False) == 0
     table = capsys.readouterr().out
     assert "fx@1" in table
-    assert "0.420" in table
+    assert "0.420" in table and "calibrated" not in table
+    scaling = {"scale": 1.5, "offset": -0.5}
+    registry = Registry(settings.resolved_model_dir)
+    registry.register(network, _manifest("fx", "2", calibration=scaling))
+    assert models_command(settings, as_json=False) == 0
+    assert "0.420 (calibrated P)" in capsys.readouterr().out  # a threshold on calibrated P

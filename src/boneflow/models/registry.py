@@ -300,7 +300,7 @@ def models_command(settings: Settings, as_json: bool) -> int:
                 m.model_id,
                 m.task,
                 f"{m.architecture}@{m.input_size}px",
-                f"{m.threshold:.3f}",
+                f"{m.threshold:.3f}" + (" (calibrated P)" if m.calibration else ""),
                 _short_metrics(m.metrics),
                 ",".join(m.body_parts),
                 m.created_at[:19],

@@ -1,7 +1,9 @@
 """Evaluation metrics: binary (fracture) and multi-class (router), calibration, thresholds.
 
 Pure numpy/scikit-learn on labels and probabilities, so that they are easy to test and the
-same numbers land in the report, the manifest and docs/models.md.
+same numbers land in the report, the manifest and docs/models.md. Platt scaling is fitted
+here and applied by :func:`boneflow.models.registry.platt` (its ``logit`` is shared), so
+that training and inference compute the calibrated probability the same way.
 """
 
 from __future__ import annotations

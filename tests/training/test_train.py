@@ -311,8 +311,14 @@ def test_demo_images_are_the_same_from_one_process_or_a_pool() -> None:
     assert np.array_equal(serial[1].masks, pooled[1].masks)
 
 
-def test_train_demo_models_registers_a_router_and_a_fracture_model(tmp_path: Path) -> None:
+def test_train_demo_models_registers_a_router_and_a_fracture_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The function ``boneflow demo`` calls, on a tiny plan (the real one takes minutes)."""
+    from boneflow.training import metrics
+
+    # this plan's validation split has ~2 images per part: let one of each class suffice
+    monkeypatch.setattr(metrics, "PART_CALIBRATION_MIN", 1)
     plan = DemoPlan(
         images=(48, 16, 32),
         source_size=96,
@@ -341,9 +347,13 @@ def test_train_demo_models_registers_a_router_and_a_fracture_model(tmp_path: Pat
     # P(fracture) is calibrated on validation; the router reports its softmax as it is
     assert set(fracture.calibration) == {"scale", "offset"} and fracture.calibration["scale"] > 0
     assert router.calibration == {}
+    # ... and on each part's own scale where its validation images allow
+    assert fracture.calibration_by_part and router.calibration_by_part == {}
+    assert set(fracture.calibration_by_part) <= set(fracture.body_parts)
     assert "ece_uncalibrated" in fracture.metrics and "ece_uncalibrated" not in router.metrics
     card = (tmp_path / "reports" / "fracture-limbs-1" / "model_card.md").read_text()
     assert "Platt scaling fitted on validation" in card
+    assert "body parts calibrated on their own" in card
     # synthetic data name their fracture types: the report breaks the results down by type
     report = json.loads((tmp_path / "reports" / "fracture-limbs-1" / "metrics.json").read_text())
     by_type = report["metrics"]["by_fracture_type"]
@@ -358,6 +368,17 @@ def test_train_demo_models_registers_a_router_and_a_fracture_model(tmp_path: Pat
     test = demo_test_set(fracture, PreprocessParams(input_size=64))
     assert len(test) == fracture.training["images"]["test"]
     assert set(test.difficulties) <= {"none", "easy", "moderate", "hard"}
+    # ... and `boneflow evaluate` on it reproduces the registered test figures, each
+    # image's probability on its own part's scale as in training and at inference
+    from boneflow.training.evaluate import summary
+    from boneflow.training.options import EvaluateOptions
+    from boneflow.training.train import evaluate_registered
+
+    again = evaluate_registered(
+        settings, registry.load(fracture.name), EvaluateOptions(fracture.name)
+    )
+    for key in ("roc_auc", "sensitivity", "specificity", "ece"):
+        assert summary(again)[key] == pytest.approx(fracture.metrics[key], abs=1e-6)
 
 
 def test_synth_fracture_lines_become_masks_on_bone(tmp_path: Path) -> None:

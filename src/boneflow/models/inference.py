@@ -289,8 +289,9 @@ class Analyzer:
         t0 = time.perf_counter()
         with self._autocast():
             logits, maps = cam(self._batch([x for x, _ in inputs]))
-        probabilities = manifest.fracture_probability(
-            torch.softmax(logits.float(), dim=1)[:, 1].cpu().numpy()
+        probabilities = manifest.fracture_probability(  # on the routed part's own scale
+            torch.softmax(logits.float(), dim=1)[:, 1].cpu().numpy(),
+            [part for _, part, _ in chunk],
         )
         maps_np = maps.float().cpu().numpy()
         model_ms = _ms_since(t0) / len(chunk)

@@ -17,7 +17,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -58,6 +58,12 @@ class ModelManifest:
     the reported P(fracture) is ``sigmoid(a * logit(p) + b)`` of the network's ``p``
     (:meth:`fracture_probability`), and ``threshold`` applies to that calibrated value.
     Empty (manifests written before 2026-12-07): the network's ``p`` unchanged.
+    ``calibration_by_part`` (optional, since 2026-12-07) holds the same ``{"scale",
+    "offset"}`` for body parts whose validation images were enough to fit their own: one
+    model covering several parts does not score them on one scale (a shoulder's normal
+    joint looks more like a fracture than a forearm's shaft), so each such part's P is
+    calibrated on its own and the one ``threshold`` means the same for every part. A part
+    without an entry uses ``calibration``.
     """
 
     name: str
@@ -74,6 +80,7 @@ class ModelManifest:
     created_at: str = ""
     training: Mapping[str, Any] = field(default_factory=dict)
     calibration: Mapping[str, float] = field(default_factory=dict)
+    calibration_by_part: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
     weights_file: str = WEIGHTS_FILE
     weights_sha256: str = ""
 
@@ -89,22 +96,24 @@ class ModelManifest:
             raise ValueError("a model needs at least two labels")
         if not 0.0 <= self.threshold <= 1.0:
             raise ValueError(f"threshold must be within 0..1, not {self.threshold}")
+        if (self.calibration or self.calibration_by_part) and self.task != "fracture":
+            raise ValueError("only a fracture model has a probability calibration")
         if self.calibration:
-            scale = self.calibration.get("scale")
-            offset = self.calibration.get("offset")
-            if self.task != "fracture":
-                raise ValueError("only a fracture model has a probability calibration")
-            if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0.0):
-                raise ValueError(f"calibration scale must be a positive number, not {scale!r}")
-            if not (isinstance(offset, (int, float)) and math.isfinite(offset)):
-                raise ValueError(f"calibration offset must be a finite number, not {offset!r}")
+            _check_scaling("calibration", self.calibration)
+        for part, scaling in self.calibration_by_part.items():
+            if part not in self.body_parts:
+                raise ValueError(f"calibration_by_part: {part!r} is not one of body_parts")
+            _check_scaling(f"calibration of {part}", scaling)
 
-    def fracture_probability(self, raw: npt.ArrayLike) -> npt.NDArray[np.float64]:
-        """The reported P(fracture) for the network's softmax ``raw`` (its calibration)."""
-        p = np.asarray(raw, dtype=np.float64)
-        if not self.calibration:
-            return p
-        return platt(p, float(self.calibration["scale"]), float(self.calibration["offset"]))
+    def fracture_probability(
+        self, raw: npt.ArrayLike, body_parts: str | Sequence[str] | None = None
+    ) -> npt.NDArray[np.float64]:
+        """The reported P(fracture) for the network's softmax ``raw`` (its calibration).
+
+        ``body_parts``: the part of each value (or one part for all); a part with its own
+        calibration (``calibration_by_part``) uses it, any other the model's calibration.
+        """
+        return calibrated(raw, body_parts, self.calibration, self.calibration_by_part)
 
     @property
     def model_id(self) -> str:
@@ -120,6 +129,7 @@ class ModelManifest:
         data["metrics"] = dict(self.metrics)
         data["training"] = dict(self.training)
         data["calibration"] = dict(self.calibration)
+        data["calibration_by_part"] = {k: dict(v) for k, v in self.calibration_by_part.items()}
         return data
 
     @classmethod
@@ -133,7 +143,46 @@ class ModelManifest:
         values["threshold"] = float(values.get("threshold", 0.5))
         scaling = dict(values.get("calibration") or {})
         values["calibration"] = {k: float(v) for k, v in scaling.items()}
+        by_part = dict(values.get("calibration_by_part") or {})
+        values["calibration_by_part"] = {
+            str(part): {k: float(v) for k, v in dict(scaling).items()}
+            for part, scaling in by_part.items()
+        }
         return cls(**values)
+
+
+def calibrated(
+    raw: npt.ArrayLike,
+    body_parts: str | Sequence[str] | None,
+    calibration: Mapping[str, float],
+    by_part: Mapping[str, Mapping[str, float]],
+) -> npt.NDArray[np.float64]:
+    """``raw`` under ``calibration``, or its part's entry of ``by_part`` where it has one."""
+    p = np.asarray(raw, dtype=np.float64)
+    parts = [body_parts] * p.size if isinstance(body_parts, str) else body_parts
+    if parts is not None and len(parts) != p.size:
+        raise ValueError(f"{len(parts)} body parts for {p.size} probabilities")
+    out = _scaled(p, calibration)
+    if parts is None:
+        return out
+    for part, scaling in by_part.items():
+        chosen = np.array([x == part for x in parts], dtype=bool).reshape(p.shape)
+        out[chosen] = _scaled(p[chosen], scaling)
+    return out
+
+
+def _check_scaling(what: str, scaling: Mapping[str, float]) -> None:
+    scale, offset = scaling.get("scale"), scaling.get("offset")
+    if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0.0):
+        raise ValueError(f"{what} scale must be a positive number, not {scale!r}")
+    if not (isinstance(offset, (int, float)) and math.isfinite(offset)):
+        raise ValueError(f"{what} offset must be a finite number, not {offset!r}")
+
+
+def _scaled(p: npt.NDArray[np.float64], scaling: Mapping[str, float]) -> npt.NDArray[np.float64]:
+    if not scaling:
+        return p.copy()
+    return platt(p, float(scaling["scale"]), float(scaling["offset"]))
 
 
 def logit(probabilities: npt.ArrayLike) -> npt.NDArray[np.float64]:

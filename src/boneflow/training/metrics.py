@@ -9,16 +9,19 @@ that training and inference compute the calibrated probability the same way.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import numpy.typing as npt
 from sklearn.metrics import cohen_kappa_score, confusion_matrix, roc_auc_score, roc_curve
 
-from boneflow.models.registry import logit
+from boneflow.models.registry import logit, platt
 
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
+
+PART_CALIBRATION_MIN = 10  # fractured and normal validation images a part needs for its own
+PART_CALIBRATION_RIDGE = 5.0  # pull of a part's fit towards the model-wide calibration
 
 
 def choose_threshold(
@@ -40,7 +43,9 @@ def choose_threshold(
     return float(np.clip(threshold, 1e-6, 1.0))
 
 
-def fit_platt(labels: npt.ArrayLike, probabilities: npt.ArrayLike) -> tuple[float, float]:
+def fit_platt(
+    labels: npt.ArrayLike, probabilities: npt.ArrayLike, ridge: float | None = None
+) -> tuple[float, float]:
     """Platt scaling of a binary model, fitted on validation: ``(scale, offset)``.
 
     The calibrated probability is ``sigmoid(scale * logit(p) + offset)`` (see
@@ -48,8 +53,8 @@ def fit_platt(labels: npt.ArrayLike, probabilities: npt.ArrayLike) -> tuple[floa
     specificity at the correspondingly moved threshold do not change, only what the number
     means. Maximum likelihood by Newton's method, on Platt's smoothed targets and with a
     light pull towards the identity (so a small or separable validation set cannot send the
-    scale to infinity). The identity ``(1.0, 0.0)`` when a class is missing or the fit
-    would not be increasing.
+    scale to infinity; ``ridge``, its weight, is 0.001 per image unless given). The
+    identity ``(1.0, 0.0)`` when a class is missing or the fit would not be increasing.
     """
     y = np.asarray(labels, dtype=np.float64)
     z = logit(probabilities)
@@ -61,7 +66,7 @@ def fit_platt(labels: npt.ArrayLike, probabilities: npt.ArrayLike) -> tuple[floa
     y = np.where(y > 0.5, (positives + 1.0) / (positives + 2.0), 1.0 / (negatives + 2.0))
     x = np.stack([z, np.ones_like(z)], axis=1)
     identity = np.array([1.0, 0.0])
-    ridge = 1e-3 * y.size
+    ridge = 1e-3 * y.size if ridge is None else ridge
 
     def loss(w: FloatArray) -> float:
         a = x @ w  # cross-entropy of sigmoid(a), stable for large |a|
@@ -86,6 +91,41 @@ def fit_platt(labels: npt.ArrayLike, probabilities: npt.ArrayLike) -> tuple[floa
     if not (math.isfinite(scale) and math.isfinite(offset)) or scale <= 0.0:
         return 1.0, 0.0
     return scale, offset
+
+
+def fit_part_platt(
+    labels: npt.ArrayLike,
+    raw: npt.ArrayLike,
+    body_parts: Sequence[str],
+    model_wide: Mapping[str, float],
+    min_each: int | None = None,
+) -> dict[str, dict[str, float]]:
+    """Platt scaling per body part, on top of the model-wide one: ``{part: scaling}``.
+
+    ``raw`` are the network's own validation probabilities and ``model_wide`` their
+    :func:`fit_platt` scaling. Each part with at least ``min_each`` fractured and
+    ``min_each`` normal validation images (default :data:`PART_CALIBRATION_MIN`) gets a
+    second fit on its model-wide calibrated P, pulled towards the model-wide calibration
+    (``ridge`` 5: a part's few dozen images move it only as far as they clearly
+    disagree); the two maps are composed into one ``{"scale", "offset"}`` of the
+    network's own probability, as the manifest stores it. A part whose second fit is the
+    identity gets no entry.
+    """
+    least = PART_CALIBRATION_MIN if min_each is None else min_each
+    y = np.asarray(labels, dtype=np.int64)
+    a1, b1 = float(model_wide.get("scale", 1.0)), float(model_wide.get("offset", 0.0))
+    p = platt(raw, a1, b1)
+    parts = np.asarray(body_parts)
+    out: dict[str, dict[str, float]] = {}
+    for part in sorted(set(parts.tolist())):
+        chosen = parts == part
+        positives = int(y[chosen].sum())
+        if min(positives, int(chosen.sum()) - positives) < least:
+            continue
+        a2, b2 = fit_platt(y[chosen], p[chosen], ridge=PART_CALIBRATION_RIDGE)
+        if (a2, b2) != (1.0, 0.0):
+            out[str(part)] = {"scale": a2 * a1, "offset": a2 * b1 + b2}
+    return out
 
 
 def binary_metrics(

@@ -142,12 +142,24 @@ def _calibration_line(manifest: Mapping[str, object]) -> list[str]:
     scaling = manifest.get("calibration")
     if not isinstance(scaling, Mapping) or not scaling:
         return []
-    offset = float(scaling["offset"])
-    return [
+    lines = [
         "- probability calibration: Platt scaling fitted on validation, P = sigmoid("
-        f"{float(scaling['scale']):.4f} * logit(p) {'-' if offset < 0 else '+'} "
-        f"{abs(offset):.4f}) of the network's p"
+        f"{_platt_text(scaling)}) of the network's p"
     ]
+    by_part = manifest.get("calibration_by_part")
+    if isinstance(by_part, Mapping) and by_part:
+        lines.append(
+            "- body parts calibrated on their own (their validation images, pulled towards "
+            "the line above): "
+            + "; ".join(f"{part}: {_platt_text(s)}" for part, s in sorted(by_part.items()))
+        )
+    return lines
+
+
+def _platt_text(scaling: Mapping[str, float]) -> str:
+    offset = float(scaling["offset"])
+    sign = "-" if offset < 0 else "+"
+    return f"{float(scaling['scale']):.4f} * logit(p) {sign} {abs(offset):.4f}"
 
 
 # ---- plots ------------------------------------------------------------------------------

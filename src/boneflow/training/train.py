@@ -27,7 +27,7 @@ from boneflow.models.registry import (
     LoadedModel,
     ModelManifest,
     Registry,
-    platt,
+    calibrated,
 )
 from boneflow.models.transforms import PreprocessParams
 from boneflow.training.datasets import (
@@ -53,7 +53,12 @@ from boneflow.training.evaluate import (
     evaluate_predictions,
     summary,
 )
-from boneflow.training.metrics import calibration, choose_threshold, fit_platt
+from boneflow.training.metrics import (
+    calibration,
+    choose_threshold,
+    fit_part_platt,
+    fit_platt,
+)
 from boneflow.training.options import EvaluateOptions, TrainOptions
 from boneflow.training.report import write_report
 
@@ -255,12 +260,15 @@ def train_and_register(
     val_probs = predict(result.network, data.val, device, config.batch_size)
     test_probs = predict(result.network, data.test, device, config.batch_size)
     scaling: dict[str, float] = {}
+    by_part: dict[str, dict[str, float]] = {}
     if data.task == "fracture":
         uncalibrated_ece, _ = calibration(data.test.labels, test_probs[:, 1])
         scale, offset = fit_platt(data.val.labels, val_probs[:, 1])
         scaling = {"scale": scale, "offset": offset}
-        val_probs = _binary(platt(val_probs[:, 1], scale, offset))
-        test_probs = _binary(platt(test_probs[:, 1], scale, offset))
+        if len(data.body_parts) > 1:  # one model, several parts: each on its own scale
+            by_part = fit_part_platt(data.val.labels, val_probs[:, 1], data.val.body_parts, scaling)
+        val_probs = _binary(calibrated(val_probs[:, 1], data.val.body_parts, scaling, by_part))
+        test_probs = _binary(calibrated(test_probs[:, 1], data.test.body_parts, scaling, by_part))
         threshold = choose_threshold(data.val.labels, val_probs[:, 1], TARGET_SENSITIVITY)
     else:
         threshold = router_threshold(data.val.labels, val_probs)
@@ -299,6 +307,7 @@ def train_and_register(
         preprocessing=params.to_dict(),
         threshold=float(threshold),
         calibration=scaling,
+        calibration_by_part=by_part,
         metrics={**summary(evaluation), "test_n": len(data.test)},
         data_fingerprint=fingerprint,
         training=training,
@@ -373,7 +382,7 @@ def evaluate_registered(
     network = loaded.network.to(device)
     probs = predict(network, images, device, options.batch_size)
     if manifest.task == "fracture":  # the reported probability: the manifest's calibration
-        probs = _binary(manifest.fracture_probability(probs[:, 1]))
+        probs = _binary(manifest.fracture_probability(probs[:, 1], images.body_parts))
     return evaluate_predictions(
         manifest.task,
         manifest.labels,

@@ -43,8 +43,8 @@ class DemoPlan:
     """How many synthetic images, at what size, and how long to train.
 
     Budget on 2 idle CPU cores (a fast AVX-512/AMX one, then a slow AVX2-only one):
-    generation and preprocessing at 512 px ~1.3 (estimated) / 2.2 min (one process per
-    core); the router (ResNet-10, stride-2 stem, at 128 px) ~0.6 / 1.5 min for 2 epochs;
+    generation and preprocessing at 512 px ~1.1 / 2.2 min (one process per core); the
+    router (ResNet-10, stride-2 stem, at 128 px) ~0.9 / 1.5 min for 2 epochs;
     the fracture model (FractureNet at 512 px, trained on 128 px crops around the
     fracture line and on bone, plus hard-negative mining each epoch and whole-image
     validation in the last fifth of its time) what is left, at most 6.75 min (its last
@@ -65,7 +65,7 @@ class DemoPlan:
     router_architecture: str = "resnet10"
     fracture_architecture: str = "fracnet"
     router_epochs: int = 2
-    fracture_epochs: int = 100  # a maximum: 2 idle cores manage ~18 (AVX2) to ~70 (AMX)
+    fracture_epochs: int = 100  # a maximum: 2 idle cores manage ~18 (AVX2) to ~61 (AMX)
     fracture_crop: int = 128
     batch_size: int = 32
     learning_rate: float = 3e-3

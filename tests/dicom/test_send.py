@@ -198,3 +198,31 @@ def test_store_datasets_calls_back_as_each_object_is_answered(
     items: list[Path | Dataset] = [_secondary_capture() for _ in range(3)]
     assert store_datasets(storescp.destination, items, settings, on_status=on_status) == [0] * 3
     assert [(index, status) for index, status, _ in answered] == [(0, 0), (1, 0), (2, 0)]
+
+
+def test_a_requestor_socket_whose_shutdown_fails_is_closed_all_the_same(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """pynetdicom's close() skipped close() when shutdown() raised (a peer that had reset
+    the connection): a leaked descriptor and a ResourceWarning whenever the collector came
+    by. Importing boneflow.dicom.send makes every requestor socket close regardless."""
+    import errno
+    import socket
+
+    from pynetdicom import AE
+    from pynetdicom.association import Association
+    from pynetdicom.transport import AssociationSocket
+
+    def shutdown_after_reset(self: socket.socket, how: int) -> None:
+        raise OSError(errno.ENOTCONN, "Transport endpoint is not connected")
+
+    ours, theirs = socket.socketpair()
+    try:
+        wrapped = AssociationSocket(Association(AE(), "requestor"), client_socket=ours)
+        monkeypatch.setattr(socket.socket, "shutdown", shutdown_after_reset)
+        wrapped.close()
+        assert ours.fileno() == -1  # closed, not left to the garbage collector
+        assert wrapped.socket is None
+    finally:
+        theirs.close()
+        ours.close()

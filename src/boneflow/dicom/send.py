@@ -7,7 +7,9 @@ class with the transfer syntax of its files plus the little-endian syntaxes.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import socket
 import sys
 import time
 from collections import Counter
@@ -242,7 +244,10 @@ def _close_sockets_of_failed_connects() -> None:
     certificate), leaking a descriptor per failed attempt and a ResourceWarning. With TLS
     the descriptor belongs to the ``SSLSocket`` that ``wrap_socket`` made (the plain socket
     is detached), so the wrapper also records what the TLS context wraps and closes it.
-    Installed once, idempotent.
+    Its ``_shutdown_socket`` (used by ``close()`` too) closes only when ``shutdown()``
+    succeeds, so a connection the peer reset after the handshake leaked the same way;
+    the replacement always closes. Installed once, idempotent, when this module is
+    imported (so every pynetdicom requestor in the process gets it).
     """
     original = AssociationSocket.connect
     if getattr(original, "_boneflow", False):
@@ -263,8 +268,19 @@ def _close_sockets_of_failed_connects() -> None:
                     if made is not None:
                         made.close()
 
+    def shutdown_socket(self: AssociationSocket) -> None:
+        # pynetdicom closes only when shutdown() succeeds; a peer that reset the connection
+        # (e.g. a TLS 1.3 server refusing our certificate after the handshake) makes it raise
+        sock = self.socket
+        if sock is None:
+            return
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+        sock.close()
+
     connect._boneflow = True  # type: ignore[attr-defined]
     AssociationSocket.connect = connect  # type: ignore[method-assign]
+    AssociationSocket._shutdown_socket = shutdown_socket  # type: ignore[method-assign]
 
 
 class _RecordingContext:
@@ -364,3 +380,6 @@ def _status_label(status: int) -> str:
     if 0xC000 <= status <= 0xCFFF:
         return "cannot understand"
     return "failure"
+
+
+_close_sockets_of_failed_connects()  # see its docstring: pynetdicom leaks failed sockets

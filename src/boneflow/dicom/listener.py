@@ -54,6 +54,7 @@ from boneflow.dicom.security import (
     check_inflated_size,
     server_tls_context,
 )
+from boneflow.dicom.sockets import close_socket
 from boneflow.dicom.spool import Spool, StoredInstance
 from boneflow.fsio import fsync_path
 
@@ -462,12 +463,7 @@ class _BoundedSocket(AssociationSocket):
 
     def _shutdown_socket(self) -> None:
         """Close even when shutdown fails (pynetdicom skips close() then, leaking it)."""
-        sock = self.socket
-        if sock is None:
-            return
-        with contextlib.suppress(OSError):
-            sock.shutdown(socket.SHUT_RDWR)
-        sock.close()
+        close_socket(self.socket)
 
     def _violate(self, reason: str) -> None:
         setattr(self, _VIOLATION, reason)

@@ -7,9 +7,7 @@ class with the transfer syntax of its files plus the little-endian syntaxes.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import socket
 import sys
 import time
 from collections import Counter
@@ -29,6 +27,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from boneflow.config import Destination, Settings
 from boneflow.dicom.security import client_tls_context
+from boneflow.dicom.sockets import close_socket
 from boneflow.errors import DestinationUnavailable
 
 log = logging.getLogger(__name__)
@@ -269,14 +268,7 @@ def _close_sockets_of_failed_connects() -> None:
                         made.close()
 
     def shutdown_socket(self: AssociationSocket) -> None:
-        # pynetdicom closes only when shutdown() succeeds; a peer that reset the connection
-        # (e.g. a TLS 1.3 server refusing our certificate after the handshake) makes it raise
-        sock = self.socket
-        if sock is None:
-            return
-        with contextlib.suppress(OSError):
-            sock.shutdown(socket.SHUT_RDWR)
-        sock.close()
+        close_socket(self.socket)
 
     connect._boneflow = True  # type: ignore[attr-defined]
     AssociationSocket.connect = connect  # type: ignore[method-assign]

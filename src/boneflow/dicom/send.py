@@ -201,7 +201,6 @@ def _store_batch(
 
 def _make_ae(settings: Settings, calling_ae_title: str) -> Any:
     _config.STORE_SEND_CHUNKED_DATASET = True  # files go out in chunks, never fully loaded
-    _close_sockets_of_failed_connects()
     ae = AE(ae_title=calling_ae_title)
     ae.acse_timeout = settings.acse_timeout_seconds
     ae.dimse_timeout = settings.dimse_timeout_seconds

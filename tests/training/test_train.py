@@ -126,6 +126,20 @@ def test_timed_schedule_follows_the_clock_and_resumes() -> None:
     assert one_cycle_rate(1.0, 1.0) < 1e-4  # annealed when the time is up
 
 
+def test_timed_schedule_stops_rather_than_start_a_stub_epoch() -> None:
+    now = [0.0]
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    clock = lambda: now[0]  # noqa: E731
+    schedule = _TimedOneCycle(optimizer, 1.0, total_steps=10**6, seconds=100.0, clock=clock)
+    now[0] = 88.0
+    assert not schedule.ends_before(20.0)  # 12 s left: more than half a 20 s epoch
+    now[0] = 91.0
+    assert schedule.ends_before(20.0)  # 9 s left: the next epoch would be a stub
+    assert not schedule.ends_before(10.0)  # ... unless epochs are short
+    now[0] = 100.0
+    assert schedule.ends_before(0.0)  # the time is spent
+
+
 def test_timed_run_stops_annealed_and_validates_only_late(
     router_data: dict[str, ImageSet], tmp_path: Path
 ) -> None:

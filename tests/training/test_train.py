@@ -156,6 +156,17 @@ def test_timed_run_stops_annealed_and_validates_only_late(
     assert float((probs.argmax(1) == router_data["test"].labels).mean()) >= 0.6
 
 
+def test_fit_hands_over_the_kept_epochs_validation_probabilities(
+    router_data: dict[str, ImageSet], tmp_path: Path
+) -> None:
+    # float32 validation is what the final pass computes: train_and_register reuses it
+    config = replace(CONFIG, epochs=3, mixed_precision=False)
+    result = fit(config, router_data["train"], router_data["val"], tmp_path, CPU)
+    assert result.val_probabilities is not None
+    again = predict(result.network, router_data["val"], CPU, config.batch_size)
+    np.testing.assert_allclose(result.val_probabilities, again, atol=1e-6)
+
+
 def test_augmentation_moves_the_fracture_mask_with_the_image() -> None:
     image = torch.zeros(4, 1, 32, 32)
     image[:, :, 10:12, 5:25] = 1.0

@@ -92,6 +92,9 @@ class FitResult:
     best_epoch: int
     stopped: str  # "epochs", "early-stopping" or "time-limit"
     seconds: float
+    # the kept epoch's validation probabilities when they were computed as predict()
+    # computes them (no training-only autocast), so the final pass need not run again
+    val_probabilities: npt.NDArray[np.float32] | None = None
 
 
 def build_image_set(
@@ -178,6 +181,8 @@ def fit(
     history: list[dict[str, float]] = []
     best_score, best_epoch, bad_epochs, start_epoch = -math.inf, 0, 0, 0
     best_state = _state_copy(network)
+    best_probs: npt.NDArray[np.float32] | None = None
+    as_predicted = (amp or _predict_dtype(device)) == _predict_dtype(device)
     generator = torch.Generator().manual_seed(config.seed)
     checkpoint_path = run_dir / CHECKPOINT
     if resume and checkpoint_path.is_file():
@@ -248,6 +253,7 @@ def fit(
             if score > best_score:
                 best_score, best_epoch, bad_epochs = score, epoch + 1, 0
                 best_state = _state_copy(network)
+                best_probs = val_probs if as_predicted else None
             else:
                 bad_epochs += 1
         line["seconds"] = time.monotonic() - epoch_started
@@ -281,7 +287,8 @@ def fit(
     localiser.close()
     network.load_state_dict(best_state)
     network.eval()
-    return FitResult(network, tuple(history), best_epoch, stopped, time.monotonic() - started)
+    seconds = time.monotonic() - started
+    return FitResult(network, tuple(history), best_epoch, stopped, seconds, best_probs)
 
 
 def predict(
@@ -299,7 +306,7 @@ def predict(
     """
     network.eval()
     out: list[npt.NDArray[np.float32]] = []
-    dtype = amp or (torch.float16 if device.type == "cuda" else None)
+    dtype = amp or _predict_dtype(device)
     with torch.inference_mode():
         for start in range(0, len(images), batch_size):
             batch = _batch(images.images[start : start + batch_size], device)
@@ -309,6 +316,11 @@ def predict(
     if not out:
         return np.zeros((0, 1), dtype=np.float32)
     return np.concatenate(out)
+
+
+def _predict_dtype(device: torch.device) -> torch.dtype | None:
+    """The autocast type of :func:`predict` without ``amp``: float16 on CUDA, else none."""
+    return torch.float16 if device.type == "cuda" else None
 
 
 def recalibrate_batchnorm(

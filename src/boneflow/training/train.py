@@ -257,7 +257,9 @@ def train_and_register(
         on_batch=step,
     )
     finish()
-    val_probs = predict(result.network, data.val, device, config.batch_size)
+    val_probs = result.val_probabilities  # the kept epoch's, when fit computed them alike
+    if val_probs is None:
+        val_probs = predict(result.network, data.val, device, config.batch_size)
     test_probs = predict(result.network, data.test, device, config.batch_size)
     scaling: dict[str, float] = {}
     by_part: dict[str, dict[str, float]] = {}

@@ -9,7 +9,7 @@ from monai.visualize.class_activation_maps import GradCAM, ModelWithHooks
 
 from boneflow.findings import BoundingBox
 from boneflow.models.gradcam import FractureGradCAM, hotspot
-from boneflow.models.networks import build_network, gradcam_layer
+from boneflow.models.networks import build_network, gradcam_layer, set_mirror
 
 
 class _LogOddsHooks(ModelWithHooks):  # type: ignore[misc]
@@ -45,6 +45,26 @@ def test_one_pass_gradcam_equals_monai_stock_gradcam(architecture: str) -> None:
         else:
             assert float(got.max()) == 0.0
     assert any(float(m.max()) > 1e-6 for m in expected)  # the comparison was not all-zero
+
+
+def test_mirror_scoring_maps_follow_the_image_when_it_is_mirrored() -> None:
+    torch.manual_seed(3)
+    network = build_network("fracnet", 2).eval()
+    twin = build_network("fracnet", 2).eval()
+    twin.load_state_dict(network.state_dict())
+    set_mirror(network, True)
+    cam = FractureGradCAM(network, gradcam_layer("fracnet"))
+    x = torch.rand(2, 1, 96, 96)
+    logits, maps = cam(x)
+    logits_flipped, maps_flipped = cam(x.flip(-1))
+    assert maps.shape == (2, 96, 96) and float(maps.max()) == pytest.approx(1.0)
+    torch.testing.assert_close(logits, logits_flipped, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(maps_flipped, maps.flip(-1), atol=1e-4, rtol=1e-3)
+    with torch.inference_mode():
+        torch.testing.assert_close(logits, network(x), atol=1e-5, rtol=1e-5)
+    # the single-image map differs: the heat shows the averaged evidence, not one side's
+    _, single = FractureGradCAM(twin, gradcam_layer("fracnet"))(x)
+    assert not torch.allclose(single, maps, atol=1e-3)
 
 
 def test_a_map_without_evidence_is_zero() -> None:

@@ -287,3 +287,51 @@ def test_the_reported_probability_is_the_manifests_calibration_of_the_network(
     assert by_part.body_part == raw.body_part
     own_p = float(platt([raw.fracture_probability], 1.0, 3.0)[0])
     assert by_part.fracture_probability == pytest.approx(own_p, abs=1e-6)
+
+
+def test_a_mirror_scoring_model_reports_the_score_of_the_image_and_its_mirror_image(
+    tmp_path: Path, radiograph_pixels: Pixels
+) -> None:
+    """A fracnet registered with ``mirror``: P and the heat map come from the averaged maps."""
+    from dataclasses import replace
+
+    from boneflow.models.inference import _params
+    from boneflow.models.transforms import preprocess
+    from tests.model_fixtures import make_test_models
+
+    make_test_models(tmp_path)
+    registry = Registry(tmp_path)
+    (first,) = Analyzer(registry, "cpu").analyse([_input("RG3_UNCR", radiograph_pixels)])
+    assert first.fracture_model is not None
+    leg = registry.load(first.fracture_model.name).manifest
+    torch.manual_seed(5)
+    network = build_network("fracnet", 2)
+    with torch.no_grad():  # a sharper evidence map than initialisation gives: scores that differ
+        network.evidence.weight.mul_(50.0)  # type: ignore[operator]
+    base = replace(leg, architecture="fracnet", threshold=0.0)
+    registry.register(network, replace(base, version="2"))
+    registry.register(network, replace(base, version="3", mirror=True))
+    assert registry.load(leg.name, "3").network.mirror is True  # type: ignore[union-attr]
+    assert registry.load(leg.name, "2").network.mirror is False  # type: ignore[union-attr]
+
+    (mirrored,) = Analyzer(registry, "cpu").analyse([_input("RG3_UNCR", radiograph_pixels)])
+    assert mirrored.fracture_model == ModelId(leg.name, "3")
+    x, _ = preprocess(radiograph_pixels["RG3_UNCR"], _params(leg))
+    network.eval()
+    with torch.inference_mode():  # the network alone, on the image, then on its mirror image
+        single = [
+            float(torch.softmax(network(torch.from_numpy(v[None])), 1)[0, 1])
+            for v in (x, x[:, :, ::-1].copy())
+        ]
+        layers = (network.stem, network.stage2, network.features, network.evidence)
+        maps = torch.from_numpy(np.stack([x, x[:, :, ::-1].copy()]))
+        for layer in layers:
+            maps = layer(maps)
+    average = ((maps[0] + maps[1].flip(-1)) / 2).flatten() * network.sharpness
+    cells = torch.log(torch.tensor(float(average.numel())))
+    z = (torch.logsumexp(average, 0) - cells) / network.sharpness
+    assert mirrored.fracture_probability == pytest.approx(float(torch.sigmoid(z)), abs=1e-4)
+    assert all(abs(mirrored.fracture_probability - p) > 1e-3 for p in single)
+    assert mirrored.heatmap is not None
+    assert mirrored.heatmap.shape == radiograph_pixels["RG3_UNCR"].shape
+    assert float(mirrored.heatmap.max()) == pytest.approx(1.0, abs=1e-3)

@@ -11,6 +11,9 @@ from boneflow.models.networks import (
     count_parameters,
     evidence_layer,
     gradcam_layer,
+    mirror_off,
+    set_mirror,
+    supports_mirror,
 )
 
 
@@ -63,3 +66,63 @@ def test_fracnet_logit_is_a_soft_maximum_of_its_evidence_map() -> None:
 def test_fracnet_refuses_more_than_two_classes() -> None:
     with pytest.raises(ValueError, match="binary"):
         build_network("fracnet", 8)
+
+
+def test_mirror_scoring_gives_an_image_and_its_mirror_image_one_score() -> None:
+    torch.manual_seed(0)
+    network = build_network("fracnet", 2).eval()
+    x = torch.rand(3, 1, 96, 96)
+    with torch.inference_mode():
+        plain, plain_flipped = network(x), network(x.flip(-1))
+        set_mirror(network, True)
+        both, both_flipped = network(x), network(x.flip(-1))
+    assert not torch.allclose(plain, plain_flipped, atol=1e-4)  # the network alone is not
+    torch.testing.assert_close(both, both_flipped, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(both, plain, atol=1e-4)
+
+
+def test_mirror_scoring_averages_the_two_evidence_maps_before_pooling() -> None:
+    torch.manual_seed(1)
+    network = build_network("fracnet", 2).eval()
+    maps: list[torch.Tensor] = []
+    dict(network.named_modules())["evidence"].register_forward_hook(
+        lambda _m, _i, o: maps.append(o)
+    )
+    x = torch.rand(2, 1, 64, 64)
+    with torch.inference_mode():
+        network(x)
+        network(x.flip(-1))
+        set_mirror(network, True)
+        logits = network(x)
+    own, mirrored, both = maps
+    assert both.shape == (4, 1, 8, 8)  # one pass over the images and their mirror images
+    torch.testing.assert_close(both[:2], own)
+    average = (own + mirrored.flip(-1)) / 2
+    flat = average.flatten(1) * network.sharpness
+    z = (torch.logsumexp(flat, 1) - torch.log(torch.tensor(64.0))) / network.sharpness
+    torch.testing.assert_close(logits[:, 1], z, atol=1e-5, rtol=1e-5)
+
+
+def test_training_ignores_mirror_scoring_and_scans_can_switch_it_off() -> None:
+    torch.manual_seed(2)
+    network = build_network("fracnet", 2)
+    set_mirror(network, True)
+    seen: list[int] = []
+    network.stem.register_forward_hook(lambda _m, i, _o: seen.append(i[0].shape[0]))
+    network.train()
+    network(torch.rand(2, 1, 64, 64)).sum().backward()
+    network.eval()
+    with torch.inference_mode():
+        network(torch.rand(2, 1, 64, 64))
+        with mirror_off(network):
+            network(torch.rand(2, 1, 64, 64))
+        network(torch.rand(2, 1, 64, 64))
+    assert seen == [2, 4, 2, 4]
+
+
+def test_only_fracnet_scores_mirror_images() -> None:
+    assert supports_mirror("fracnet")
+    assert not supports_mirror("resnet10") and not supports_mirror("vgg16")
+    with pytest.raises(ValueError, match="mirror"):
+        set_mirror(build_network("resnet10", 2), True)
+    set_mirror(build_network("resnet10", 2), False)  # off is always fine

@@ -197,6 +197,31 @@ def test_manifest_validation() -> None:
         _manifest(calibration_by_part={"hand": {"scale": -1.0, "offset": 0.0}})
     with pytest.raises(ValueError, match="only a fracture model"):
         replace(_router(), calibration_by_part={"hand": {"scale": 1.0, "offset": 0.0}})
+    with pytest.raises(ValueError, match="resnet10 cannot score mirror images"):
+        _manifest(mirror=True)
+    with pytest.raises(ValueError, match="cannot score mirror images"):
+        replace(_router(), architecture="fracnet", mirror=True)
+
+
+def test_mirror_scoring_round_trips_and_older_manifests_score_single_images(
+    tmp_path: Path,
+) -> None:
+    registry = Registry(tmp_path)
+    torch.manual_seed(4)
+    fracnet = build_network("fracnet", 2)
+    registry.register(fracnet, _manifest(architecture="fracnet", mirror=True))
+    loaded = registry.load("fx")
+    assert loaded.manifest.mirror is True and loaded.network.mirror is True
+    x = torch.rand(1, 1, 64, 64)
+    with torch.inference_mode():
+        torch.testing.assert_close(loaded.network(x), loaded.network(x.flip(-1)))
+    path = tmp_path / "fx" / "1" / MANIFEST_FILE
+    data = json.loads(path.read_text())
+    assert data["mirror"] is True
+    del data["mirror"]  # a manifest written before mirror scoring existed
+    path.write_text(json.dumps(data))
+    older = registry.load("fx")
+    assert older.manifest.mirror is False and older.network.mirror is False
 
 
 def test_calibration_round_trips_and_older_manifests_report_the_raw_probability(

@@ -7,6 +7,11 @@ the earlier layers (their parameters are frozen at load) and the backward pass r
 the head alone. The weighting (mean gradient per channel), ReLU and upsampling to the input
 size are MONAI's; the map is then scaled so that its maximum is 1 (MONAI's default
 normaliser flips min and max, which is not what an overlay wants).
+
+A network that scores mirror images too (``FractureNet.mirror``) runs the Grad-CAM layer
+on 2B rows, the B images and then their mirror images; the map of each mirror image is
+flipped back and averaged with the image's own before scaling, so the heat shows what
+the averaged evidence map the score came from shows.
 """
 
 from __future__ import annotations
@@ -38,15 +43,18 @@ class FractureGradCAM:
         network.requires_grad_(False)
         self.class_index = class_index
         self._hooks = _HeadOnlyHooks(network, layer)
-        self._cam = GradCAM(nn_module=self._hooks, target_layers=layer, postprocessing=_to_unit_max)
+        self._cam = GradCAM(nn_module=self._hooks, target_layers=layer, postprocessing=_as_is)
 
     def __call__(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Return ``(logits (B, K), maps (B, H, W) in 0..1 on the input grid)``."""
         with torch.inference_mode(False), torch.enable_grad():
-            maps = self._cam(batch, class_idx=self.class_index)
+            maps = torch.as_tensor(self._cam(batch, class_idx=self.class_index)).detach()[:, 0]
         logits = self._hooks.last_logits
         assert logits is not None  # set by the pass above
-        return logits.detach(), torch.as_tensor(maps).detach()[:, 0]
+        images = logits.shape[0]
+        if maps.shape[0] == 2 * images:  # mirror scoring: images, then their mirror images
+            maps = (maps[:images] + maps[images:].flip(-1)) / 2
+        return logits.detach(), _to_unit_max(maps)
 
 
 def hotspot(heatmap: FloatArray, level: float = 0.5) -> BoundingBox | None:
@@ -115,6 +123,10 @@ def _log_odds(logits: torch.Tensor, index: int) -> torch.Tensor:
     """log P(class) - log P(not class): for two classes, the logit difference."""
     others = torch.cat([logits[:, :index], logits[:, index + 1 :]], dim=1)
     return logits[:, index] - torch.logsumexp(others, dim=1)
+
+
+def _as_is(maps: torch.Tensor) -> torch.Tensor:
+    return maps
 
 
 def _to_unit_max(maps: torch.Tensor) -> torch.Tensor:

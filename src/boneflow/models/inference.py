@@ -32,7 +32,7 @@ import torch
 from boneflow.errors import ConfigError
 from boneflow.findings import Finding, FindingStatus, ModelId
 from boneflow.models.gradcam import FractureGradCAM, hotspot
-from boneflow.models.networks import gradcam_layer
+from boneflow.models.networks import gradcam_layer, scoring_batch
 from boneflow.models.registry import LoadedModel, ModelManifest, Registry
 from boneflow.models.transforms import Geometry, PreprocessParams, preprocess, unmap_heatmap
 
@@ -127,7 +127,8 @@ class Analyzer:
     Args:
         registry: where the models are.
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
-        batch_size: images per forward pass.
+        batch_size: images per forward pass (on a CPU at most what
+            :func:`~boneflow.models.networks.scoring_batch` allows for the input size).
         threads: torch CPU threads; None = the CPUs this process may use (or
             ``OMP_NUM_THREADS`` when set).
 
@@ -185,8 +186,9 @@ class Analyzer:
             findings[i] = _not_analysed(images[i], router_id, part, confidence, reason, timings[i])
 
         for model_id, members in analyse_with.items():
-            for start in range(0, len(members), self.batch_size):
-                chunk = members[start : start + self.batch_size]
+            step = self._batch_size(manifests[model_id])
+            for start in range(0, len(members), step):
+                chunk = members[start : start + step]
                 found = self._fracture(
                     images, chunk, manifests[model_id], router_id, timings, prepared
                 )
@@ -224,16 +226,17 @@ class Analyzer:
     ) -> npt.NDArray[np.float64]:
         """Router probabilities (N, parts), batched, in inference mode."""
         network = self._model(router).network
+        step = self._batch_size(router)
         rows: list[npt.NDArray[np.float64]] = []
-        for start in range(0, len(prepared), self.batch_size):
-            chunk = prepared[start : start + self.batch_size]
+        for start in range(0, len(prepared), step):
+            chunk = prepared[start : start + step]
             t0 = time.perf_counter()
             batch = self._batch([p[0] for p in chunk if not isinstance(p, str)])
             with torch.inference_mode(), self._autocast():
                 logits = network(batch)
             rows.append(torch.softmax(logits.float(), dim=1).cpu().numpy().astype(np.float64))
             per_image = _ms_since(t0) / len(chunk)
-            for timing in timings[start : start + self.batch_size]:
+            for timing in timings[start : start + step]:
                 timing["router"] = round(per_image, 2)
         if not rows:
             return np.zeros((0, len(router.labels)))
@@ -348,6 +351,12 @@ class Analyzer:
                 "loaded model %s on %s in %.0f ms", manifest.model_id, self.device, _ms_since(t0)
             )
         return loaded
+
+    def _batch_size(self, manifest: ModelManifest) -> int:
+        """Images per pass of this model: ``batch_size``, fewer on a CPU for large inputs."""
+        network = self._model(manifest).network
+        size = manifest.input_size
+        return scoring_batch(network, self.batch_size, size, size, self.device)
 
     def _warm_up(self, manifest: ModelManifest) -> None:
         """One pass on a blank input, so that the first study's timings are real ones."""

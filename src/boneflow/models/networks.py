@@ -6,7 +6,8 @@ architecture is named here and only here.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +22,7 @@ class Architecture:
     build: Callable[[int], nn.Module]
     gradcam_layer: str
     evidence_layer: str | None = None  # a 1-channel evidence map a training mask can supervise
+    mirror_scoring: bool = False  # can score an image together with its mirror image
 
 
 def _densenet121(num_classes: int) -> nn.Module:
@@ -84,13 +86,23 @@ class FractureNet(nn.Module):
     line), and log-sum-exp pooling (a soft maximum) turns it into the image's logit: one
     broken spot is enough. Returns logits (B, 2) = ``[0, z]``, so softmax gives
     ``sigmoid(z)``. ``features`` is the Grad-CAM layer.
+
+    ``mirror`` (mirror scoring, off by default; the registry sets it from the manifest): in
+    eval mode the network scores the image and its left-right mirror image in one batch
+    of 2B and averages the two evidence maps (the mirror's flipped back) before pooling,
+    so that a spot must look broken both ways round. Training ignores it (its augmentation
+    flips). Layers that see the batch (hooks on ``features`` or ``evidence``) then see
+    2B rows: the image's B first, then their mirror images.
     """
 
-    def __init__(self, num_classes: int = 2, width: int = 32, sharpness: float = 4.0) -> None:
+    def __init__(
+        self, num_classes: int = 2, width: int = 32, sharpness: float = 4.0, mirror: bool = False
+    ) -> None:
         super().__init__()
         if num_classes != 2:
             raise ValueError("FractureNet is a binary detector (num_classes must be 2)")
         self.sharpness = sharpness
+        self.mirror = mirror
         self.stem = nn.Sequential(_down(1, width // 2), _down(width // 2, width))
         self.stage2 = nn.Sequential(_Residual(width), _down(width, 2 * width))
         self.features = nn.Sequential(
@@ -102,7 +114,13 @@ class FractureNet(nn.Module):
         self.evidence = nn.Conv2d(2 * width, 1, kernel_size=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        both = self.mirror and not self.training
+        if both:
+            x = torch.cat([x, x.flip(-1)])
         evidence = self.evidence(self.features(self.stage2(self.stem(x))))
+        if both:
+            half = evidence.shape[0] // 2
+            evidence = (evidence[:half] + evidence[half:].flip(-1)) / 2
         flat = evidence.flatten(1) * self.sharpness
         cells = torch.log(torch.tensor(float(flat.shape[1]), device=x.device))
         z = (torch.logsumexp(flat, dim=1) - cells) / self.sharpness
@@ -128,7 +146,7 @@ ARCHITECTURES: dict[str, Architecture] = {
     "resnet34": Architecture(_resnet(34), "layer4"),
     "resnet50": Architecture(_resnet(50), "layer4"),
     "efficientnet-b0": Architecture(_efficientnet_b0, "_bn1"),
-    "fracnet": Architecture(_fracnet, "features", evidence_layer="evidence"),
+    "fracnet": Architecture(_fracnet, "features", evidence_layer="evidence", mirror_scoring=True),
 }
 
 
@@ -156,6 +174,54 @@ def evidence_layer(architecture: str) -> str | None:
     return ARCHITECTURES[architecture].evidence_layer
 
 
+def supports_mirror(architecture: str) -> bool:
+    """Whether the architecture can score an image together with its mirror image."""
+    spec = ARCHITECTURES.get(architecture)
+    return spec is not None and spec.mirror_scoring
+
+
+def set_mirror(network: nn.Module, on: bool) -> None:
+    """Switch mirror scoring (:class:`FractureNet`) on or off.
+
+    Raises:
+        ValueError: ``on`` for a network that cannot score mirror images.
+    """
+    if isinstance(network, FractureNet):
+        network.mirror = on
+    elif on:
+        raise ValueError(f"{type(network).__name__} has no mirror scoring (only fracnet)")
+
+
+@contextmanager
+def mirror_off(network: nn.Module) -> Iterator[None]:
+    """Score single images for a while (a scan that wants speed, not the second look)."""
+    before = isinstance(network, FractureNet) and network.mirror
+    set_mirror(network, False)
+    try:
+        yield
+    finally:
+        set_mirror(network, before)
+
+
+CPU_PASS_PIXELS = 2**21  # ~8 images of 512 px per whole-image pass on a CPU (see below)
+
+
+def scoring_batch(
+    network: nn.Module, batch_size: int, height: int, width: int, device: torch.device
+) -> int:
+    """Images per scoring pass: ``batch_size``, but on a CPU at most :data:`CPU_PASS_PIXELS`.
+
+    A larger pass no longer fits the CPU's caches: FractureNet at 512 px on a 2-core AVX2
+    EPYC took ~26 ms per image in passes of up to 8 rows and 35-100 ms in passes of 16-48
+    (2026-12-07, ``bench``-style timing of 48 images). An image scored with its mirror
+    image is two rows.
+    """
+    if device.type != "cpu":
+        return max(1, batch_size)
+    rows = 2 if isinstance(network, FractureNet) and network.mirror else 1
+    return max(1, min(batch_size, CPU_PASS_PIXELS // (rows * height * width)))
+
+
 def count_parameters(module: nn.Module) -> int:
     """Number of trainable parameters."""
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
@@ -163,11 +229,16 @@ def count_parameters(module: nn.Module) -> int:
 
 __all__ = [
     "ARCHITECTURES",
+    "CPU_PASS_PIXELS",
     "Architecture",
     "FractureNet",
     "build_network",
     "count_parameters",
     "evidence_layer",
     "gradcam_layer",
+    "mirror_off",
+    "scoring_batch",
+    "set_mirror",
+    "supports_mirror",
 ]
 _ = torch  # torch is imported so that importing this module fails loudly without it

@@ -33,7 +33,7 @@ from torch import nn
 from boneflow.config import Settings
 from boneflow.errors import ModelIntegrityError, ModelNotFound
 from boneflow.fsio import fsync_path
-from boneflow.models.networks import build_network
+from boneflow.models.networks import build_network, set_mirror, supports_mirror
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,10 @@ class ModelManifest:
     joint looks more like a fracture than a forearm's shaft), so each such part's P is
     calibrated on its own and the one ``threshold`` means the same for every part. A part
     without an entry uses ``calibration``.
+    ``mirror`` (fracture models of an architecture that can, since 2026-12-07; default
+    false): the network scores each image together with its left-right mirror image and
+    averages the two evidence maps (``networks.FractureNet``); the calibration, threshold
+    and metrics were all measured that way.
     """
 
     name: str
@@ -81,6 +85,7 @@ class ModelManifest:
     training: Mapping[str, Any] = field(default_factory=dict)
     calibration: Mapping[str, float] = field(default_factory=dict)
     calibration_by_part: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+    mirror: bool = False
     weights_file: str = WEIGHTS_FILE
     weights_sha256: str = ""
 
@@ -100,6 +105,8 @@ class ModelManifest:
             raise ValueError("only a fracture model has a probability calibration")
         if self.calibration:
             _check_scaling("calibration", self.calibration)
+        if self.mirror and not (self.task == "fracture" and supports_mirror(self.architecture)):
+            raise ValueError(f"{self.architecture} cannot score mirror images (mirror: true)")
         for part, scaling in self.calibration_by_part.items():
             if part not in self.body_parts:
                 raise ValueError(f"calibration_by_part: {part!r} is not one of body_parts")
@@ -141,6 +148,7 @@ class ModelManifest:
         values["body_parts"] = tuple(values.get("body_parts", ()))
         values["input_size"] = int(values.get("input_size", 224))
         values["threshold"] = float(values.get("threshold", 0.5))
+        values["mirror"] = values.get("mirror", False) is True
         scaling = dict(values.get("calibration") or {})
         values["calibration"] = {k: float(v) for k, v in scaling.items()}
         by_part = dict(values.get("calibration_by_part") or {})
@@ -306,6 +314,7 @@ class Registry:
             network.load_state_dict(state, strict=True)
         except (RuntimeError, ValueError, KeyError) as exc:
             raise ModelIntegrityError(f"{manifest.model_id}: weights do not fit: {exc}") from exc
+        set_mirror(network, manifest.mirror)
         network.eval()
         return LoadedModel(network=network, manifest=manifest)
 

@@ -154,6 +154,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="weight of the fracture-location loss (default 1.0 when the data locate "
         "fractures, as synth data do; 0 turns it off)",
     )
+    p.add_argument(
+        "--mirror",
+        action="store_true",
+        help="the fracture model scores each image together with its left-right mirror image "
+        "(validation, test and inference; fracnet; twice the fracture model's inference time)",
+    )
 
     p = command("evaluate", _evaluate, "evaluate a registered model; write a report")
     _add_data_arguments(p)
@@ -302,6 +308,7 @@ def _train(settings: Settings, args: argparse.Namespace) -> int:
         workers=args.workers,
         crop_size=args.crop_size,
         localisation_weight=args.localisation_weight,
+        mirror=args.mirror,
     )
     return train_command(settings, options)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -177,3 +178,74 @@ def test_training_autocasts_to_bf16_only_on_a_bf16_cpu_and_keeps_fp32_weights(
     assert np.isfinite([h["train_loss"] for h in result.history]).all()
     probabilities = predict(result.network, val, CPU)
     assert probabilities.dtype == np.float32 and np.isfinite(probabilities).all()
+
+
+def test_the_last_validation_is_the_final_pass_even_under_bf16_training(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # pretend native bf16: training and mining autocast, the last validation does not, so
+    # its probabilities are what predict() gives and the final pass need not run again
+    from boneflow.training import engine
+
+    monkeypatch.setattr(engine, "cpu_has_bf16", lambda: True)
+    train, val = _line_set(32, seed=5), _line_set(16, seed=6)
+    config = replace(CONFIG, epochs=2, validate_from=1.0)
+    result = fit(config, train, val, tmp_path, CPU)
+    assert [("val_auc" in line) for line in result.history] == [False, True]
+    assert result.val_probabilities is not None
+    np.testing.assert_allclose(
+        result.val_probabilities, predict(result.network, val, CPU), atol=1e-6
+    )
+
+
+def test_mirror_scoring_validates_with_the_mirror_image_and_mines_without_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rows: list[int] = []  # batch rows of every scoring pass (network in eval mode)
+    from boneflow.models.networks import FractureNet
+
+    forward = FractureNet.forward
+
+    def recording(self: FractureNet, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            rows.append(x.shape[0] * (2 if self.mirror else 1))
+        return forward(self, x)
+
+    monkeypatch.setattr(FractureNet, "forward", recording)
+    train, val = _line_set(32, seed=5), _line_set(10, seed=6)
+    config = replace(CONFIG, epochs=2, validate_from=1.0, mirror=True)
+    result = fit(config, train, val, tmp_path, CPU)
+    assert isinstance(result.network, FractureNet) and result.network.mirror
+    # the localiser's probe (1 image, 2 rows), mining after epoch 1 (single images, 16 at a
+    # time), the last validation (10 images and their mirror images)
+    assert rows[0] == 2 and rows[-1] == 20
+    assert set(rows[1:-1]) <= {16} and rows[1:-1]
+    assert result.val_probabilities is not None
+    flipped = ImageSet(val.images[:, :, ::-1].copy(), val.labels, val.body_parts, val.difficulties)
+    np.testing.assert_allclose(
+        predict(result.network, flipped, CPU), result.val_probabilities, atol=1e-5
+    )
+
+
+def test_the_scoring_passes_are_timed_with_the_network_that_will_run_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from boneflow.models.networks import FractureNet
+    from boneflow.training.engine import scoring_seconds
+
+    passes: list[tuple[int, bool, bool]] = []  # rows, mirror scoring, channels-last weights
+    forward = FractureNet.forward
+
+    def recording(self: FractureNet, x: torch.Tensor) -> torch.Tensor:
+        weight = self.stem[1][0].weight  # (a 1-channel weight is both layouts)
+        passes.append(
+            (x.shape[0], self.mirror, weight.is_contiguous(memory_format=torch.channels_last))
+        )
+        return forward(self, x)
+
+    monkeypatch.setattr(FractureNet, "forward", recording)
+    data = _line_set(24, seed=8)  # real-looking images: an all-zero batch is slower
+    seconds = scoring_seconds(replace(CONFIG, mirror=True), data, CPU, sample=12)
+    assert 0 < seconds < 5
+    # a warm-up batch, then the timed sample, with the network the run will register
+    assert passes == [(4, True, True), (12, True, True)]

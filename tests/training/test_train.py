@@ -454,12 +454,13 @@ def test_the_fracture_model_gets_what_is_left_of_the_demo_budget() -> None:
     from boneflow.training.demo import fracture_minutes
 
     plan = DemoPlan()
-    # a fast machine: generation and router took 1.5 minutes, the full limit remains
-    assert fracture_minutes(plan, 1.5) == plan.fracture_max_minutes
-    # a slow one: 3.5 minutes gone, so 10 - 3.5 - 1.3 = 5.2 minutes are left
-    assert fracture_minutes(plan, 3.5) == pytest.approx(5.2)
+    # a fast machine: generation and router took 1.5 minutes, its scoring passes will take
+    # 1 minute: the full limit remains
+    assert fracture_minutes(plan, 1.5, 1.0) == plan.fracture_max_minutes
+    # a slow one: 3.5 minutes gone and 1.6 for the passes: 10 - 3.5 - 1.6 - 0.3 = 4.6 left
+    assert fracture_minutes(plan, 3.5, 1.6) == pytest.approx(4.6)
     # never below the minimum, however slow the start
-    assert fracture_minutes(plan, 9.0) == plan.fracture_min_minutes
+    assert fracture_minutes(plan, 9.0, 1.0) == plan.fracture_min_minutes
 
 
 def test_a_timed_training_bar_follows_the_clock_and_ends_full() -> None:

@@ -26,7 +26,13 @@ from boneflow.config import Settings
 from boneflow.findings import BODY_PARTS
 from boneflow.models.registry import FRACTURE_LABELS, ModelManifest
 from boneflow.models.transforms import PreprocessParams
-from boneflow.training.engine import FitConfig, ImageSet, build_image_set
+from boneflow.training.engine import (
+    FitConfig,
+    ImageSet,
+    build_image_set,
+    resolve_device,
+    scoring_seconds,
+)
 from boneflow.training.synth import SYNTH_VERSION
 from boneflow.training.train import ProgressBar, TaskData, progress_bar, train_and_register
 
@@ -46,14 +52,17 @@ class DemoPlan:
     generation and preprocessing at 512 px ~1.1 / 1.5-2.2 min (one process per core); the
     router (ResNet-10, stride-2 stem, at 128 px) ~0.9 / 1.5 min for 2 epochs;
     the fracture model (FractureNet at 512 px, trained on 128 px crops around the
-    fracture line and on bone, plus hard-negative mining after each epoch but the last,
-    whole-image validation after the last) what is left, at most 6.75 min (its last
-    epoch may overrun that by up to half an epoch and one validation pass, ~0.1 / 0.4
-    min); its final validation and test passes and report ~0.5 / 0.9 min. Both models
+    fracture line and on bone, plus hard-negative mining after each epoch but the last)
+    what is left, at most 6.75 min. After its time limit come its whole-image scoring
+    passes - the last epoch's validation (which calibration and the threshold reuse) and
+    the test, each image scored with its mirror image (``fracture_mirror``) - whose cost is
+    measured on this machine before training (:func:`~boneflow.training.engine.
+    scoring_seconds`; ~1 / 1.6 min for the 1180 images), and ``final_minutes`` for the
+    rest: batch-norm re-estimation, calibration, report and registration. Both models
     follow a one-cycle schedule over their time limit (``schedule="timed"``), so a slower
     machine still ends annealed; a faster one stops after the epochs. The whole command
     is held to ``total_minutes``: the fracture model gets what generation and the router
-    left of it (less ``final_minutes`` for its validation, test and report), at most
+    left of it (less its scoring passes and ``final_minutes``), at most
     ``fracture_max_minutes`` and at least ``fracture_min_minutes``.
     """
 
@@ -73,12 +82,15 @@ class DemoPlan:
     fracture_max_minutes: float = 6.75
     fracture_min_minutes: float = 3.0
     total_minutes: float = 10.0  # the whole demo training, generation to the last report
-    final_minutes: float = 1.3  # the fracture model's last epoch, test and report (0.6 at 384 px)
+    # after the fracture model's training, besides its measured scoring passes (until
+    # 2026-12-07, 17:00 UTC a fixed 1.3 minutes for everything after training)
+    final_minutes: float = 0.3
     localisation_weight: float = 3.0  # the mask loss against the line (1.0 before round 6)
     # validate only after the last epoch (0.8 before 2026-12-07: a validation pass cost
     # more than a crop epoch on an AVX2 CPU, and the annealed last epoch was kept anyway)
     fracture_validate_from: float = 1.0
     fracture_hard_negatives: float = 0.5  # of the crops off the line: on mined false alarms
+    fracture_mirror: bool = True  # score each image with its mirror image (since round 12)
 
     def fingerprint(self) -> str:
         """Identifies the synthetic data (same plan, same images)."""
@@ -143,8 +155,18 @@ def train_demo_models(
         ):
             config = _config(plan, task)
             if task == "fracture":
+                per_image = scoring_seconds(config, data.val, resolve_device(settings.device))
+                passes = per_image * (len(data.val) + len(data.test)) / 60
                 spent = (time.monotonic() - started) / 60
-                config = replace(config, max_minutes=fracture_minutes(plan, spent))
+                minutes = fracture_minutes(plan, spent, passes)
+                log.info(
+                    "fracture model: %.2f min to train, %.2f min reserved for its scoring "
+                    "passes (%.0f ms per image)",
+                    minutes,
+                    passes,
+                    per_image * 1000,
+                )
+                config = replace(config, max_minutes=minutes)
             manifests.append(
                 train_and_register(
                     settings,
@@ -164,14 +186,15 @@ def train_demo_models(
     return manifests
 
 
-def fracture_minutes(plan: DemoPlan, spent_minutes: float) -> float:
+def fracture_minutes(plan: DemoPlan, spent_minutes: float, passes_minutes: float = 0.0) -> float:
     """The fracture model's time limit once ``spent_minutes`` of the demo have passed.
 
-    What is left of ``plan.total_minutes`` after the final passes, clamped to the plan's
-    minimum and maximum: a slow machine (or a busy one) shortens the fracture model's
-    training rather than the command running long, a fast one keeps the full limit.
+    What is left of ``plan.total_minutes`` after its scoring passes (``passes_minutes``, as
+    measured) and ``plan.final_minutes``, clamped to the plan's minimum and maximum: a
+    slow machine (or a busy one) shortens the fracture model's training rather than the
+    command running long, a fast one keeps the full limit.
     """
-    left = plan.total_minutes - spent_minutes - plan.final_minutes
+    left = plan.total_minutes - spent_minutes - plan.final_minutes - passes_minutes
     return round(min(plan.fracture_max_minutes, max(plan.fracture_min_minutes, left)), 2)
 
 
@@ -329,6 +352,7 @@ def _config(plan: DemoPlan, task: str) -> FitConfig:
         localisation_weight=0.0 if router else plan.localisation_weight,
         crop_size=0 if router else plan.fracture_crop,
         hard_negatives=0.0 if router else plan.fracture_hard_negatives,
+        mirror=not router and plan.fracture_mirror,
         max_minutes=plan.router_max_minutes if router else plan.fracture_max_minutes,
         monitor="accuracy" if router else "auc",
     )

@@ -26,7 +26,14 @@ import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 from torch import nn
 
-from boneflow.models.networks import build_network, evidence_layer, gradcam_layer
+from boneflow.models.networks import (
+    build_network,
+    evidence_layer,
+    gradcam_layer,
+    mirror_off,
+    scoring_batch,
+    set_mirror,
+)
 from boneflow.models.transforms import Geometry, PreprocessParams, preprocess
 
 log = logging.getLogger(__name__)
@@ -74,6 +81,8 @@ class FitConfig:
     localisation_weight: float = 0.0  # > 0: also learn where the fracture is (needs masks)
     crop_size: int = 0  # > 0: train on crops (needs masks, a fully-convolutional network)
     hard_negatives: float = 0.3  # crops: share of the non-line crops on mined false alarms
+    # validate (and register) scoring each image with its mirror image (fracnet only)
+    mirror: bool = False
     # float16 autocast on CUDA, bfloat16 on a CPU with native bf16 (AVX-512 BF16 or AMX);
     # weights, optimiser and loss stay float32. Elsewhere it has no effect.
     mixed_precision: bool = True
@@ -168,6 +177,7 @@ def fit(
     run_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(config.seed)
     network = build_network(config.architecture, config.num_classes).to(device)
+    set_mirror(network, config.mirror)  # eval mode only: validation, not training
     cuda = device.type == "cuda"
     amp = mixed_precision_dtype(device, config.mixed_precision)
     if channels_last(device, amp):  # the layout the fast kernels want
@@ -237,7 +247,9 @@ def fit(
             recalibrate_batchnorm(
                 network, train if cropper is None else cropper.sample(), device, config.batch_size
             )
-            val_probs = predict(network, val, device, config.batch_size, amp)
+            # the last validation runs as predict() runs (no training-only autocast): its
+            # probabilities are then the final pass's, which need not run again
+            val_probs = predict(network, val, device, config.batch_size, None if last else amp)
             val_loss = float(
                 F.nll_loss(
                     torch.log(torch.from_numpy(val_probs).clamp_min(1e-7)),
@@ -253,7 +265,7 @@ def fit(
             if score > best_score:
                 best_score, best_epoch, bad_epochs = score, epoch + 1, 0
                 best_state = _state_copy(network)
-                best_probs = val_probs if as_predicted else None
+                best_probs = val_probs if last or as_predicted else None
             else:
                 bad_epochs += 1
         line["seconds"] = time.monotonic() - epoch_started
@@ -307,15 +319,48 @@ def predict(
     network.eval()
     out: list[npt.NDArray[np.float32]] = []
     dtype = amp or _predict_dtype(device)
+    height, width = images.images.shape[1], images.images.shape[2]
+    step = scoring_batch(network, batch_size, height, width, device)
     with torch.inference_mode():
-        for start in range(0, len(images), batch_size):
-            batch = _batch(images.images[start : start + batch_size], device)
+        for start in range(0, len(images), step):
+            batch = _batch(images.images[start : start + step], device)
             with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                 logits = network(batch)
             out.append(torch.softmax(logits.float(), dim=1).cpu().numpy().astype(np.float32))
     if not out:
         return np.zeros((0, 1), dtype=np.float32)
     return np.concatenate(out)
+
+
+def scoring_seconds(
+    config: FitConfig, images: ImageSet, device: torch.device, sample: int = 16
+) -> float:
+    """Seconds per image that :func:`predict` takes here for a network trained with ``config``.
+
+    Timed on (up to) ``sample`` of ``images`` after a warm-up batch, with an untrained
+    network of the same architecture, layout and mirror scoring (the weights do not change
+    the cost; real images do: an all-zero batch runs 2-3x slower on some CPUs).
+    """
+    network = build_network(config.architecture, config.num_classes).to(device)
+    set_mirror(network, config.mirror)
+    if channels_last(device, mixed_precision_dtype(device, config.mixed_precision)):
+        network = network.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    count = max(1, min(sample, len(images)))
+    first = _head(images, min(4, count))
+    predict(network, first, device, config.batch_size)  # warm-up: oneDNN picks its kernels
+    timed = _head(images, count)
+    started = time.perf_counter()
+    predict(network, timed, device, config.batch_size)
+    return (time.perf_counter() - started) / count
+
+
+def _head(images: ImageSet, count: int) -> ImageSet:
+    return ImageSet(
+        images.images[:count],
+        images.labels[:count],
+        images.body_parts[:count],
+        images.difficulties[:count],
+    )
 
 
 def _predict_dtype(device: torch.device) -> torch.dtype | None:
@@ -776,9 +821,11 @@ class _Cropper:
         network.eval()
         index = self.rng.choice(len(self.data), min(self.MINE_IMAGES, len(self.data)), False)
         guard = self.size // 4
-        with torch.inference_mode():
-            for start in range(0, len(index), 16):
-                chunk = np.sort(index[start : start + 16])
+        with torch.inference_mode(), mirror_off(network):
+            height, width = self.data.images.shape[1], self.data.images.shape[2]
+            step = scoring_batch(network, 16, height, width, device)
+            for start in range(0, len(index), step):
+                chunk = np.sort(index[start : start + step])
                 with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
                     network(_batch(self.data.images[chunk], device))
                 if localiser.features is None:

@@ -34,6 +34,7 @@ class TrainOptions:
     workers: int = 0
     crop_size: int = 0  # > 0: fracture model on crops around known fracture lines (synth)
     localisation_weight: float | None = None  # None: 1.0 when the data locate fractures
+    mirror: bool = False  # fracture model scores each image with its mirror image (fracnet)
 
 
 @dataclass(frozen=True, slots=True)

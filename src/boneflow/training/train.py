@@ -21,7 +21,7 @@ import numpy.typing as npt
 
 from boneflow.config import Settings
 from boneflow.findings import BODY_PARTS
-from boneflow.models.networks import evidence_layer
+from boneflow.models.networks import evidence_layer, supports_mirror
 from boneflow.models.registry import (
     FRACTURE_LABELS,
     LoadedModel,
@@ -151,7 +151,8 @@ def fit_config(
 
     Raises:
         DatasetError: crops asked for without fracture locations or with a network that
-            cannot score a whole image after training on crops.
+            cannot score a whole image after training on crops; mirror scoring asked for
+            with a network that cannot score mirror images.
     """
     architecture = options.architecture or DEFAULT_ARCHITECTURE[task]
     crop_size = options.crop_size if task == "fracture" else 0
@@ -161,6 +162,11 @@ def fit_config(
         raise DatasetError(
             f"--crop needs a fully-convolutional network with an evidence map (fracnet), "
             f"not {architecture}"
+        )
+    mirror = options.mirror and task == "fracture"
+    if mirror and not supports_mirror(architecture):
+        raise DatasetError(
+            f"--mirror needs a network that can score mirror images (fracnet), not {architecture}"
         )
     weight = options.localisation_weight
     if weight is None:
@@ -178,6 +184,7 @@ def fit_config(
         monitor="auc" if task == "fracture" else "accuracy",
         localisation_weight=weight if task == "fracture" and located else 0.0,
         crop_size=crop_size,
+        mirror=mirror,
     )
 
 
@@ -310,6 +317,7 @@ def train_and_register(
         threshold=float(threshold),
         calibration=scaling,
         calibration_by_part=by_part,
+        mirror=config.mirror,
         metrics={**summary(evaluation), "test_n": len(data.test)},
         data_fingerprint=fingerprint,
         training=training,

@@ -37,6 +37,7 @@ from pydicom.data import get_testdata_file
 
 from boneflow.dicom.pixels import read_pixels
 from boneflow.findings import BODY_PARTS
+from boneflow.models import networks
 from boneflow.models.gradcam import FractureGradCAM
 from boneflow.models.inference import Analyzer, ImageInput
 from boneflow.models.networks import build_network, gradcam_layer
@@ -199,6 +200,18 @@ def _interleaved(
 
 
 def bench_end_to_end(device: str, config: dict[str, Any], quick: bool) -> dict[str, Any]:
+    """``config``: router and fracture networks and sizes; ``mirror`` (the fracture model
+    scores mirror images too); ``pass_pixels`` (the CPU pass cap, ``networks.CPU_PASS_PIXELS``;
+    a huge value turns it off, for comparison)."""
+    cap = networks.CPU_PASS_PIXELS
+    networks.CPU_PASS_PIXELS = int(config.get("pass_pixels", cap))
+    try:
+        return _end_to_end(device, config, quick)
+    finally:
+        networks.CPU_PASS_PIXELS = cap
+
+
+def _end_to_end(device: str, config: dict[str, Any], quick: bool) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as folder:
         registry = Registry(Path(folder))
         torch.manual_seed(0)
@@ -228,6 +241,7 @@ def bench_end_to_end(device: str, config: dict[str, Any], quick: bool) -> dict[s
                 input_size=config["fracture_size"],
                 preprocessing=PreprocessParams(input_size=config["fracture_size"]).to_dict(),
                 threshold=0.5,
+                mirror=bool(config.get("mirror", False)),
             ),
         )
         analyzer = Analyzer(registry, device=device, batch_size=16)
@@ -294,7 +308,22 @@ def main() -> int:
     results["end_to_end"] = [
         bench_end_to_end(str(device), c, args.quick)
         for c in (
-            {  # the demo's models (fracture model at 512 px since 2026-12-07)
+            {  # the demo's models (fracture model at 512 px, mirror scoring since round 12)
+                "router": "resnet10",
+                "router_size": 128,
+                "fracture": "fracnet",
+                "fracture_size": 512,
+                "mirror": True,
+            },
+            {  # the same without the CPU pass cap (all 16 images of a study in one pass)
+                "router": "resnet10",
+                "router_size": 128,
+                "fracture": "fracnet",
+                "fracture_size": 512,
+                "mirror": True,
+                "pass_pixels": 2**40,
+            },
+            {  # the demo's models before round 12: single images
                 "router": "resnet10",
                 "router_size": 128,
                 "fracture": "fracnet",

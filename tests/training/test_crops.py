@@ -247,5 +247,8 @@ def test_the_scoring_passes_are_timed_with_the_network_that_will_run_them(
     data = _line_set(24, seed=8)  # real-looking images: an all-zero batch is slower
     seconds = scoring_seconds(replace(CONFIG, mirror=True), data, CPU, sample=12)
     assert 0 < seconds < 5
-    # a warm-up batch, then the timed sample, with the network the run will register
-    assert passes == [(4, True, True), (12, True, True)]
+    # warm-up passes, then the timed sample, with the network the run will register
+    assert passes == [(12, True, True), (12, True, True)]
+    passes.clear()
+    scoring_seconds(replace(CONFIG, batch_size=4), data, CPU, sample=12)
+    assert [rows for rows, _, _ in passes] == [4, 4, 4, 4, 4]  # two to warm up, three timed

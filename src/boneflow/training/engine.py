@@ -319,8 +319,7 @@ def predict(
     network.eval()
     out: list[npt.NDArray[np.float32]] = []
     dtype = amp or _predict_dtype(device)
-    height, width = images.images.shape[1], images.images.shape[2]
-    step = scoring_batch(network, batch_size, height, width, device)
+    step = scoring_batch(network, batch_size, *_size(images), device)
     with torch.inference_mode():
         for start in range(0, len(images), step):
             batch = _batch(images.images[start : start + step], device)
@@ -346,12 +345,17 @@ def scoring_seconds(
     if channels_last(device, mixed_precision_dtype(device, config.mixed_precision)):
         network = network.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     count = max(1, min(sample, len(images)))
-    first = _head(images, min(4, count))
-    predict(network, first, device, config.batch_size)  # warm-up: oneDNN picks its kernels
+    step = scoring_batch(network, config.batch_size, *_size(images), device)
+    first = _head(images, min(2 * step, count))  # warm-up: two passes of the timed size
+    predict(network, first, device, config.batch_size)  # (the first in a process is slow)
     timed = _head(images, count)
     started = time.perf_counter()
     predict(network, timed, device, config.batch_size)
     return (time.perf_counter() - started) / count
+
+
+def _size(images: ImageSet) -> tuple[int, int]:
+    return int(images.images.shape[1]), int(images.images.shape[2])
 
 
 def _head(images: ImageSet, count: int) -> ImageSet:
@@ -822,8 +826,7 @@ class _Cropper:
         index = self.rng.choice(len(self.data), min(self.MINE_IMAGES, len(self.data)), False)
         guard = self.size // 4
         with torch.inference_mode(), mirror_off(network):
-            height, width = self.data.images.shape[1], self.data.images.shape[2]
-            step = scoring_batch(network, 16, height, width, device)
+            step = scoring_batch(network, 16, *_size(self.data), device)
             for start in range(0, len(index), step):
                 chunk = np.sort(index[start : start + step])
                 with torch.autocast(device.type, dtype=amp, enabled=amp is not None):

@@ -212,8 +212,9 @@ def scoring_batch(
     """Images per scoring pass: ``batch_size``, but on a CPU at most :data:`CPU_PASS_PIXELS`.
 
     A larger pass no longer fits the CPU's caches: FractureNet at 512 px on a 2-core AVX2
-    EPYC took ~26 ms per image in passes of up to 8 rows and 35-100 ms in passes of 16-48
-    (2026-12-07, ``bench``-style timing of 48 images). An image scored with its mirror
+    EPYC took ~26 ms per image in passes of up to 6 images and 31-35 ms at 8-16; scored
+    with their mirror images 49-55 ms up to 4 images and 65-101 ms at 8-24 (2026-12-07,
+    48 images per size; docs/models.md, "Round 12"). An image scored with its mirror
     image is two rows.
     """
     if device.type != "cpu":

@@ -57,8 +57,9 @@ class DemoPlan:
     passes - the last epoch's validation (which calibration and the threshold reuse) and
     the test, each image scored with its mirror image (``fracture_mirror``) - whose cost is
     measured on this machine before training (:func:`~boneflow.training.engine.
-    scoring_seconds`; ~1 / 1.6 min for the 1180 images), and ``final_minutes`` for the
-    rest: batch-norm re-estimation, calibration, report and registration. Both models
+    scoring_seconds`; 0.9-1.3 min for the 1180 images on the slow one), and
+    ``final_minutes`` for the rest: batch-norm re-estimation, calibration, report and
+    registration. Both models
     follow a one-cycle schedule over their time limit (``schedule="timed"``), so a slower
     machine still ends annealed; a faster one stops after the epochs. The whole command
     is held to ``total_minutes``: the fracture model gets what generation and the router
@@ -82,8 +83,8 @@ class DemoPlan:
     fracture_max_minutes: float = 6.75
     fracture_min_minutes: float = 3.0
     total_minutes: float = 10.0  # the whole demo training, generation to the last report
-    # after the fracture model's training, besides its measured scoring passes (until
-    # 2026-12-07, 17:00 UTC a fixed 1.3 minutes for everything after training)
+    # after the fracture model's training, besides its measured scoring passes (before
+    # round 12, 2026-12-07: a fixed 1.3 minutes for everything after training)
     final_minutes: float = 0.3
     localisation_weight: float = 3.0  # the mask loss against the line (1.0 before round 6)
     # validate only after the last epoch (0.8 before 2026-12-07: a validation pass cost

@@ -336,7 +336,7 @@ def scoring_seconds(
 ) -> float:
     """Seconds per image that :func:`predict` takes here for a network trained with ``config``.
 
-    Timed on (up to) ``sample`` of ``images`` after a warm-up batch, with an untrained
+    Timed on (up to) ``sample`` of ``images`` after two warm-up passes, with an untrained
     network of the same architecture, layout and mirror scoring (the weights do not change
     the cost; real images do: an all-zero batch runs 2-3x slower on some CPUs).
     """

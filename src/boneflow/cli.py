@@ -160,6 +160,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="the fracture model scores each image together with its left-right mirror image "
         "(validation, test and inference; fracnet; twice the fracture model's inference time)",
     )
+    p.add_argument(
+        "--tile",
+        type=int,
+        default=0,
+        metavar="PX",
+        help="the fracture model scores each image in overlapping tiles of PX pixels, each "
+        "part of the image from a tile that keeps --tile-margin pixels of context around it "
+        "(validation, test and inference; fracnet; 320 for 512 px images: 1.6x the "
+        "inference time; default 0: the whole image at once)",
+    )
+    p.add_argument(
+        "--tile-margin",
+        type=int,
+        default=64,
+        metavar="PX",
+        help="context kept around each scored part of a tile (default 64: half of a 128 px "
+        "training crop)",
+    )
 
     p = command("evaluate", _evaluate, "evaluate a registered model; write a report")
     _add_data_arguments(p)
@@ -309,6 +327,8 @@ def _train(settings: Settings, args: argparse.Namespace) -> int:
         crop_size=args.crop_size,
         localisation_weight=args.localisation_weight,
         mirror=args.mirror,
+        tile=args.tile,
+        tile_margin=args.tile_margin if args.tile else 0,
     )
     return train_command(settings, options)
 

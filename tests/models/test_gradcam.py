@@ -9,7 +9,7 @@ from monai.visualize.class_activation_maps import GradCAM, ModelWithHooks
 
 from boneflow.findings import BoundingBox
 from boneflow.models.gradcam import FractureGradCAM, hotspot
-from boneflow.models.networks import build_network, gradcam_layer, set_mirror
+from boneflow.models.networks import build_network, gradcam_layer, set_mirror, set_tiles
 
 
 class _LogOddsHooks(ModelWithHooks):  # type: ignore[misc]
@@ -65,6 +65,25 @@ def test_mirror_scoring_maps_follow_the_image_when_it_is_mirrored() -> None:
     # the single-image map differs: the heat shows the averaged evidence, not one side's
     _, single = FractureGradCAM(twin, gradcam_layer("fracnet"))(x)
     assert not torch.allclose(single, maps, atol=1e-3)
+
+
+def test_tiled_scoring_maps_cover_the_image_and_follow_it_when_mirrored() -> None:
+    torch.manual_seed(4)
+    network = build_network("fracnet", 2).eval()
+    set_mirror(network, True)
+    set_tiles(network, 96, 16)  # 128 px: two tiles a side
+    cam = FractureGradCAM(network, gradcam_layer("fracnet"))
+    x = torch.rand(2, 1, 128, 128)
+    logits, maps = cam(x)
+    logits_flipped, maps_flipped = cam(x.flip(-1))
+    assert maps.shape == (2, 128, 128) and float(maps.max()) == pytest.approx(1.0)
+    with torch.inference_mode():
+        torch.testing.assert_close(logits, network(x), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits, logits_flipped, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(maps_flipped, maps.flip(-1), atol=1e-4, rtol=1e-3)
+    set_tiles(network, 0, 0)
+    _, whole = cam(x)  # the whole image's map differs: the tiles limit each cell's context
+    assert not torch.allclose(whole, maps, atol=1e-3)
 
 
 def test_a_map_without_evidence_is_zero() -> None:

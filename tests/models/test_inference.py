@@ -335,3 +335,43 @@ def test_a_mirror_scoring_model_reports_the_score_of_the_image_and_its_mirror_im
     assert mirrored.heatmap is not None
     assert mirrored.heatmap.shape == radiograph_pixels["RG3_UNCR"].shape
     assert float(mirrored.heatmap.max()) == pytest.approx(1.0, abs=1e-3)
+
+
+def test_a_tiled_scoring_model_reports_the_score_of_its_tiles(
+    tmp_path: Path, radiograph_pixels: Pixels
+) -> None:
+    """A fracnet registered with ``tile``: the Analyzer scores the image in tiles."""
+    from dataclasses import replace
+
+    from boneflow.models.inference import _params
+    from boneflow.models.networks import set_mirror, set_tiles
+    from boneflow.models.transforms import preprocess
+    from tests.model_fixtures import make_test_models
+
+    make_test_models(tmp_path)  # 224 px: tiles of 160 px start at 0 and 64
+    registry = Registry(tmp_path)
+    (first,) = Analyzer(registry, "cpu").analyse([_input("RG3_UNCR", radiograph_pixels)])
+    assert first.fracture_model is not None
+    leg = registry.load(first.fracture_model.name).manifest
+    torch.manual_seed(6)
+    network = build_network("fracnet", 2)
+    with torch.no_grad():  # a sharper evidence map than initialisation gives: scores that differ
+        network.evidence.weight.mul_(50.0)  # type: ignore[operator]
+    base = replace(leg, architecture="fracnet", threshold=0.0, mirror=True)
+    registry.register(network, replace(base, version="2"))
+    (whole,) = Analyzer(registry, "cpu").analyse([_input("RG3_UNCR", radiograph_pixels)])
+    registry.register(network, replace(base, version="3", tile=160, tile_margin=32))
+    (tiled,) = Analyzer(registry, "cpu").analyse([_input("RG3_UNCR", radiograph_pixels)])
+    assert tiled.fracture_model == ModelId(leg.name, "3")
+
+    x, _ = preprocess(radiograph_pixels["RG3_UNCR"], _params(leg))
+    network.eval()
+    set_mirror(network, True)
+    set_tiles(network, 160, 32)
+    with torch.inference_mode():
+        expected = float(torch.softmax(network(torch.from_numpy(x[None])), 1)[0, 1])
+    assert tiled.fracture_probability == pytest.approx(expected, abs=1e-5)
+    assert abs(whole.fracture_probability - expected) > 5e-4  # the whole image scores otherwise
+    assert tiled.heatmap is not None
+    assert tiled.heatmap.shape == radiograph_pixels["RG3_UNCR"].shape
+    assert float(tiled.heatmap.max()) == pytest.approx(1.0, abs=1e-3)

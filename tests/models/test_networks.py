@@ -11,9 +11,14 @@ from boneflow.models.networks import (
     count_parameters,
     evidence_layer,
     gradcam_layer,
-    mirror_off,
+    scoring_batch,
     set_mirror,
+    set_tiles,
+    single_pass,
     supports_mirror,
+    supports_tiles,
+    tile_spans,
+    tiled_pixels,
 )
 
 
@@ -103,21 +108,24 @@ def test_mirror_scoring_averages_the_two_evidence_maps_before_pooling() -> None:
     torch.testing.assert_close(logits[:, 1], z, atol=1e-5, rtol=1e-5)
 
 
-def test_training_ignores_mirror_scoring_and_scans_can_switch_it_off() -> None:
+def test_training_ignores_mirror_and_tiled_scoring_and_scans_can_switch_them_off() -> None:
     torch.manual_seed(2)
     network = build_network("fracnet", 2)
     set_mirror(network, True)
-    seen: list[int] = []
-    network.stem.register_forward_hook(lambda _m, i, _o: seen.append(i[0].shape[0]))
+    set_tiles(network, 48, 8)
+    seen: list[tuple[int, int]] = []
+    network.stem.register_forward_hook(lambda _m, i, _o: seen.append(i[0].shape[:3:2]))
     network.train()
     network(torch.rand(2, 1, 64, 64)).sum().backward()
     network.eval()
     with torch.inference_mode():
         network(torch.rand(2, 1, 64, 64))
-        with mirror_off(network):
+        with single_pass(network):
             network(torch.rand(2, 1, 64, 64))
         network(torch.rand(2, 1, 64, 64))
-    assert seen == [2, 4, 2, 4]
+    # training: the 2 images whole; eval: 4 rows (mirror) x 4 tiles of 48 px; the scan: 2
+    assert seen == [(2, 64), (16, 48), (2, 64), (16, 48)]
+    assert network.mirror and (network.tile, network.tile_margin) == (48, 8)
 
 
 def test_only_fracnet_scores_mirror_images() -> None:
@@ -126,3 +134,104 @@ def test_only_fracnet_scores_mirror_images() -> None:
     with pytest.raises(ValueError, match="mirror"):
         set_mirror(build_network("resnet10", 2), True)
     set_mirror(build_network("resnet10", 2), False)  # off is always fine
+
+
+def test_tile_spans_cover_the_axis_and_keep_the_margin() -> None:
+    assert tile_spans(512, 320, 64) == [(0, 0, 256), (192, 256, 512)]
+    assert tile_spans(512, 0, 0) == [(0, 0, 512)] == tile_spans(512, 512, 64)
+    assert tile_spans(300, 512, 64) == [(0, 0, 300)]
+    for length, tile, margin in [(512, 192, 64), (512, 256, 64), (1024, 320, 64), (520, 320, 96)]:
+        spans = tile_spans(length, tile, margin)
+        assert spans[0][1] == 0 and spans[-1][2] == length
+        for (start, first, end), following in zip(spans, [*spans[1:], None], strict=True):
+            assert start % 8 == first % 8 == end % 8 == 0
+            assert 0 <= start <= first < end <= start + tile <= length
+            if following is not None:
+                assert following[1] == end  # contiguous, each pixel owned once
+                assert end <= start + tile - margin + 8  # context kept (to a cell)
+            if first > 0:
+                assert first >= start + margin - 8
+        # as few tiles as keep the margin
+        owned = tile - 2 * margin
+        assert len(spans) == -(-(length - 2 * margin) // owned)
+
+
+def test_tiled_scoring_takes_each_cell_from_its_own_tile() -> None:
+    torch.manual_seed(5)
+    network = build_network("fracnet", 2).eval()
+    maps: list[torch.Tensor] = []
+    dict(network.named_modules())["evidence"].register_forward_hook(
+        lambda _m, _i, o: maps.append(o)
+    )
+    x = torch.rand(2, 1, 128, 96)  # rows in two tiles of 96 px, columns in one
+    assert tile_spans(128, 96, 16) == [(0, 0, 64), (32, 64, 128)]
+    with torch.inference_mode():
+        network(x[..., 0:96, :])
+        network(x[..., 32:128, :])
+        set_tiles(network, 96, 16)
+        logits = network(x)
+    upper, lower, tiled = maps
+    assert tiled.shape == (2, 1, 16, 12)
+    torch.testing.assert_close(tiled[:, :, :8], upper[:, :, :8])
+    torch.testing.assert_close(tiled[:, :, 8:], lower[:, :, 4:])
+    flat = tiled.flatten(1) * network.sharpness
+    z = (torch.logsumexp(flat, 1) - torch.log(torch.tensor(192.0))) / network.sharpness
+    torch.testing.assert_close(logits[:, 1], z, atol=1e-5, rtol=1e-5)
+
+
+def test_tiled_scoring_limits_the_context_of_each_cell() -> None:
+    torch.manual_seed(6)
+    network = build_network("fracnet", 2).eval()
+    maps: list[torch.Tensor] = []
+    dict(network.named_modules())["evidence"].register_forward_hook(
+        lambda _m, _i, o: maps.append(o)
+    )
+    x = torch.rand(1, 1, 256, 256)
+    far = x.clone()
+    far[..., 200:, 200:] = 1.0  # far from the top-left corner: outside its tile of 128 px
+    with torch.inference_mode():
+        network(x), network(far)
+        set_tiles(network, 128, 32)
+        network(x), network(far)
+    whole, whole_far, tiled, tiled_far = maps
+    corner = (slice(None), slice(None), slice(0, 8), slice(0, 8))  # its first 64 px
+    assert not torch.allclose(whole[corner], whole_far[corner], atol=1e-6)  # sees it whole
+    torch.testing.assert_close(tiled[corner], tiled_far[corner])  # not in its tile
+
+
+def test_tiled_mirror_scoring_gives_an_image_and_its_mirror_image_one_score() -> None:
+    torch.manual_seed(7)
+    network = build_network("fracnet", 2).eval()
+    set_mirror(network, True)
+    set_tiles(network, 320, 64)
+    x = torch.rand(2, 1, 512, 512)
+    with torch.inference_mode():
+        both, both_flipped = network(x), network(x.flip(-1))
+        set_tiles(network, 0, 0)
+        whole = network(x)
+    torch.testing.assert_close(both, both_flipped, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(both, whole, atol=1e-4)
+
+
+def test_tiles_must_lie_on_the_cell_grid_and_only_fracnet_has_them() -> None:
+    network = build_network("fracnet", 2)
+    for tile, margin in [(100, 16), (320, 60), (64, 32), (-8, 0)]:
+        with pytest.raises(ValueError):
+            set_tiles(network, tile, margin)
+    assert supports_tiles("fracnet") and not supports_tiles("resnet10")
+    with pytest.raises(ValueError, match="tiled"):
+        set_tiles(build_network("resnet10", 2), 320, 64)
+    set_tiles(build_network("resnet10", 2), 0, 0)  # off is always fine
+
+
+def test_a_scoring_pass_counts_the_pixels_of_mirror_images_and_tiles() -> None:
+    cpu = torch.device("cpu")
+    network = build_network("fracnet", 2)
+    assert tiled_pixels(512, 512, 320, 64) == 4 * 320 * 320
+    assert tiled_pixels(512, 512, 0, 0) == 512 * 512 == tiled_pixels(512, 512, 640, 64)
+    assert scoring_batch(network, 32, 512, 512, cpu) == 8
+    set_mirror(network, True)
+    assert scoring_batch(network, 32, 512, 512, cpu) == 4
+    set_tiles(network, 320, 64)
+    assert scoring_batch(network, 32, 512, 512, cpu) == 2  # 2**21 // (2 * 409600)
+    assert scoring_batch(network, 32, 512, 512, torch.device("meta")) == 32  # not a CPU

@@ -201,6 +201,10 @@ def test_manifest_validation() -> None:
         _manifest(mirror=True)
     with pytest.raises(ValueError, match="cannot score mirror images"):
         replace(_router(), architecture="fracnet", mirror=True)
+    with pytest.raises(ValueError, match="resnet10 cannot score in tiles"):
+        _manifest(tile=320, tile_margin=64)
+    with pytest.raises(ValueError, match="multiples of 8"):
+        _manifest(architecture="fracnet", tile=300, tile_margin=64)
 
 
 def test_mirror_scoring_round_trips_and_older_manifests_score_single_images(
@@ -222,6 +226,31 @@ def test_mirror_scoring_round_trips_and_older_manifests_score_single_images(
     path.write_text(json.dumps(data))
     older = registry.load("fx")
     assert older.manifest.mirror is False and older.network.mirror is False
+
+
+def test_tiled_scoring_round_trips_and_older_manifests_score_whole_images(
+    tmp_path: Path,
+) -> None:
+    registry = Registry(tmp_path)
+    torch.manual_seed(5)
+    registry.register(
+        build_network("fracnet", 2), _manifest(architecture="fracnet", tile=64, tile_margin=16)
+    )
+    loaded = registry.load("fx")
+    assert (loaded.manifest.tile, loaded.manifest.tile_margin) == (64, 16)
+    assert (loaded.network.tile, loaded.network.tile_margin) == (64, 16)  # type: ignore[union-attr]
+    path = tmp_path / "fx" / "1" / MANIFEST_FILE
+    data = json.loads(path.read_text())
+    assert (data["tile"], data["tile_margin"]) == (64, 16)
+    x = torch.rand(1, 1, 128, 128)
+    with torch.inference_mode():
+        tiled = loaded.network(x)
+    del data["tile"], data["tile_margin"]  # a manifest written before tiled scoring existed
+    path.write_text(json.dumps(data))
+    older = registry.load("fx")
+    assert older.manifest.tile == 0 and older.network.tile == 0  # type: ignore[union-attr]
+    with torch.inference_mode():
+        assert not torch.allclose(older.network(x), tiled, atol=1e-5)
 
 
 def test_calibration_round_trips_and_older_manifests_report_the_raw_probability(

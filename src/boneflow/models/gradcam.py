@@ -11,7 +11,9 @@ normaliser flips min and max, which is not what an overlay wants).
 A network that scores mirror images too (``FractureNet.mirror``) runs the Grad-CAM layer
 on 2B rows, the B images and then their mirror images; the map of each mirror image is
 flipped back and averaged with the image's own before scaling, so the heat shows what
-the averaged evidence map the score came from shows.
+the averaged evidence map the score came from shows. A network that scores in tiles
+(``FractureNet.tile``) hands Grad-CAM its stitched feature map (the ``cells`` layer), one
+row per image, so the map covers the image as the score does.
 """
 
 from __future__ import annotations

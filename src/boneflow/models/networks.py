@@ -6,6 +6,7 @@ architecture is named here and only here.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -22,7 +23,9 @@ class Architecture:
     build: Callable[[int], nn.Module]
     gradcam_layer: str
     evidence_layer: str | None = None  # a 1-channel evidence map a training mask can supervise
-    mirror_scoring: bool = False  # can score an image together with its mirror image
+    # an evidence-map detector: can score an image together with its mirror image, and in
+    # tiles of limited context (FractureNet)
+    scoring_options: bool = False
 
 
 def _densenet121(num_classes: int) -> nn.Module:
@@ -85,24 +88,42 @@ class FractureNet(nn.Module):
     gives a per-cell fracture evidence map (``evidence``, trainable against a drawn fracture
     line), and log-sum-exp pooling (a soft maximum) turns it into the image's logit: one
     broken spot is enough. Returns logits (B, 2) = ``[0, z]``, so softmax gives
-    ``sigmoid(z)``. ``features`` is the Grad-CAM layer.
+    ``sigmoid(z)``. ``cells`` (the features of each cell) is the Grad-CAM layer.
 
     ``mirror`` (mirror scoring, off by default; the registry sets it from the manifest): in
     eval mode the network scores the image and its left-right mirror image in one batch
     of 2B and averages the two evidence maps (the mirror's flipped back) before pooling,
     so that a spot must look broken both ways round. Training ignores it (its augmentation
-    flips). Layers that see the batch (hooks on ``features`` or ``evidence``) then see
+    flips). Layers that see the batch (hooks on ``cells`` or ``evidence``) then see
     2B rows: the image's B first, then their mirror images.
+
+    ``tile`` and ``tile_margin`` (tiled scoring, off by default; the registry sets them
+    from the manifest): in eval mode an image larger than ``tile`` px is scored in
+    overlapping tiles of that size (:func:`tile_spans`) and each cell of the evidence map
+    is taken from the tile in which it lies at least ``tile_margin`` px from the tile's
+    edges (or at the image's edge): a cell then sees about the context it saw at the
+    centre of a training crop, not structures half an image away that no crop showed it.
+    ``cells`` (the Grad-CAM layer) is the whole image's feature map, stitched from the
+    tiles. Training ignores it (it sees crops).
     """
 
     def __init__(
-        self, num_classes: int = 2, width: int = 32, sharpness: float = 4.0, mirror: bool = False
+        self,
+        num_classes: int = 2,
+        width: int = 32,
+        sharpness: float = 4.0,
+        mirror: bool = False,
+        tile: int = 0,
+        tile_margin: int = 0,
     ) -> None:
         super().__init__()
         if num_classes != 2:
             raise ValueError("FractureNet is a binary detector (num_classes must be 2)")
         self.sharpness = sharpness
         self.mirror = mirror
+        self.tile = 0
+        self.tile_margin = 0
+        self.set_tiles(tile, tile_margin)
         self.stem = nn.Sequential(_down(1, width // 2), _down(width // 2, width))
         self.stage2 = nn.Sequential(_Residual(width), _down(width, 2 * width))
         self.features = nn.Sequential(
@@ -111,13 +132,28 @@ class FractureNet(nn.Module):
             _Residual(2 * width, dilation=4),
             _Residual(2 * width, dilation=8),
         )
+        self.cells = nn.Identity()  # the image's cell features (stitched when tiled)
         self.evidence = nn.Conv2d(2 * width, 1, kernel_size=1)
+
+    def set_tiles(self, tile: int, margin: int) -> None:
+        """Score in tiles of ``tile`` px keeping ``margin`` px of context (``tile`` 0: off).
+
+        Raises:
+            ValueError: sizes that are not multiples of 8 (a cell), or a margin that
+                leaves no cell to a tile.
+        """
+        check_tiles(tile, margin)
+        self.tile, self.tile_margin = tile, margin
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         both = self.mirror and not self.training
         if both:
             x = torch.cat([x, x.flip(-1)])
-        evidence = self.evidence(self.features(self.stage2(self.stem(x))))
+        if self.tile and not self.training:
+            features = self._tiled_features(x)
+        else:
+            features = self._cell_features(x)
+        evidence = self.evidence(self.cells(features))
         if both:
             half = evidence.shape[0] // 2
             evidence = (evidence[:half] + evidence[half:].flip(-1)) / 2
@@ -125,6 +161,74 @@ class FractureNet(nn.Module):
         cells = torch.log(torch.tensor(float(flat.shape[1]), device=x.device))
         z = (torch.logsumexp(flat, dim=1) - cells) / self.sharpness
         return torch.stack([torch.zeros_like(z), z], dim=1)
+
+    def _cell_features(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.features(self.stage2(self.stem(x)))
+        return out
+
+    def _tiled_features(self, x: torch.Tensor) -> torch.Tensor:
+        height, width = int(x.shape[-2]), int(x.shape[-1])
+        rows = tile_spans(height, self.tile, self.tile_margin)
+        cols = tile_spans(width, self.tile, self.tile_margin)
+        if (len(rows) == 1 and len(cols) == 1) or height % CELL or width % CELL:
+            return self._cell_features(x)  # nothing to tile, or off the cell grid
+        tile_h, tile_w = min(self.tile, height), min(self.tile, width)
+        tiles = torch.cat(
+            [
+                x[..., top : top + tile_h, left : left + tile_w]
+                for top, _, _ in rows
+                for left, _, _ in cols
+            ]
+        )
+        flat = self._cell_features(tiles)  # tile by tile, each a run of the B images
+        per_tile = flat.reshape(len(rows), len(cols), x.shape[0], *flat.shape[1:])
+        out = per_tile.new_empty((x.shape[0], per_tile.shape[3], height // CELL, width // CELL))
+        for i, (top, r0, r1) in enumerate(rows):
+            for j, (left, c0, c1) in enumerate(cols):
+                out[:, :, r0 // CELL : r1 // CELL, c0 // CELL : c1 // CELL] = per_tile[
+                    i,
+                    j,
+                    :,
+                    :,
+                    (r0 - top) // CELL : (r1 - top) // CELL,
+                    (c0 - left) // CELL : (c1 - left) // CELL,
+                ]
+        return out
+
+
+CELL = 8  # pixels per cell of FractureNet's evidence map (three stride-2 stages)
+
+
+def check_tiles(tile: int, margin: int) -> None:
+    """Refuse tile sizes that :func:`tile_spans` cannot lay on FractureNet's cell grid."""
+    if tile == 0 and margin == 0:
+        return
+    if tile <= 0 or margin < 0 or tile % CELL or margin % CELL:
+        raise ValueError(f"tile {tile} px, margin {margin} px: use multiples of {CELL} (tile > 0)")
+    if tile - 2 * margin < CELL:
+        raise ValueError(f"a {tile} px tile with {margin} px margins owns no cell")
+
+
+def tile_spans(length: int, tile: int, margin: int) -> list[tuple[int, int, int]]:
+    """How tiled scoring covers one axis: ``(tile start, first owned px, end of owned px)``.
+
+    As few tiles of ``tile`` px as leave every owned pixel at least about ``margin`` px
+    from its tile's edges (except at the image's own edges), spread evenly from edge to
+    edge; each pixel is owned by the tile whose centre is nearest. All values are
+    multiples of :data:`CELL` when ``length`` is. One span ``(0, 0, length)`` when the axis
+    fits in one tile (or ``tile`` is 0).
+    """
+    if tile <= 0 or length <= tile:
+        return [(0, 0, length)]
+    count = -(-(length - 2 * margin) // (tile - 2 * margin))  # at least 2: length > tile
+    starts = [_on_grid(i * (length - tile) / (count - 1)) for i in range(count)]
+    centres = [start + tile / 2 for start in starts]
+    bounds = [0, *(_on_grid((a + b) / 2) for a, b in itertools.pairwise(centres)), length]
+    return [(start, bounds[i], bounds[i + 1]) for i, start in enumerate(starts)]
+
+
+def _on_grid(pixels: float) -> int:
+    return round(pixels / CELL) * CELL
 
 
 def _fracnet(num_classes: int) -> nn.Module:
@@ -146,7 +250,7 @@ ARCHITECTURES: dict[str, Architecture] = {
     "resnet34": Architecture(_resnet(34), "layer4"),
     "resnet50": Architecture(_resnet(50), "layer4"),
     "efficientnet-b0": Architecture(_efficientnet_b0, "_bn1"),
-    "fracnet": Architecture(_fracnet, "features", evidence_layer="evidence", mirror_scoring=True),
+    "fracnet": Architecture(_fracnet, "cells", evidence_layer="evidence", scoring_options=True),
 }
 
 
@@ -177,7 +281,12 @@ def evidence_layer(architecture: str) -> str | None:
 def supports_mirror(architecture: str) -> bool:
     """Whether the architecture can score an image together with its mirror image."""
     spec = ARCHITECTURES.get(architecture)
-    return spec is not None and spec.mirror_scoring
+    return spec is not None and spec.scoring_options
+
+
+def supports_tiles(architecture: str) -> bool:
+    """Whether the architecture can score an image in tiles of limited context."""
+    return supports_mirror(architecture)  # the same networks: evidence-map detectors
 
 
 def set_mirror(network: nn.Module, on: bool) -> None:
@@ -192,15 +301,32 @@ def set_mirror(network: nn.Module, on: bool) -> None:
         raise ValueError(f"{type(network).__name__} has no mirror scoring (only fracnet)")
 
 
+def set_tiles(network: nn.Module, tile: int, margin: int) -> None:
+    """Switch tiled scoring (:class:`FractureNet`) on (``tile`` > 0) or off.
+
+    Raises:
+        ValueError: tiles for a network that cannot score in tiles, or sizes off the grid.
+    """
+    if isinstance(network, FractureNet):
+        network.set_tiles(tile, margin)
+    elif tile:
+        raise ValueError(f"{type(network).__name__} has no tiled scoring (only fracnet)")
+
+
 @contextmanager
-def mirror_off(network: nn.Module) -> Iterator[None]:
-    """Score single images for a while (a scan that wants speed, not the second look)."""
-    before = isinstance(network, FractureNet) and network.mirror
-    set_mirror(network, False)
+def single_pass(network: nn.Module) -> Iterator[None]:
+    """Score each whole image once for a while: no mirror image, no tiles (a fast scan)."""
+    if not isinstance(network, FractureNet):
+        yield
+        return
+    before = network.mirror, network.tile, network.tile_margin
+    network.mirror = False
+    network.set_tiles(0, 0)
     try:
         yield
     finally:
-        set_mirror(network, before)
+        network.mirror = before[0]
+        network.set_tiles(before[1], before[2])
 
 
 CPU_PASS_PIXELS = 2**21  # ~8 images of 512 px per whole-image pass on a CPU (see below)
@@ -215,12 +341,26 @@ def scoring_batch(
     EPYC took ~26 ms per image in passes of up to 6 images and 31-35 ms at 8-16; scored
     with their mirror images 49-55 ms up to 4 images and 65-101 ms at 8-24 (2026-12-07,
     48 images per size; docs/models.md, "Round 12"). An image scored with its mirror
-    image is two rows.
+    image is two rows; an image scored in tiles counts the pixels of its tiles.
     """
     if device.type != "cpu":
         return max(1, batch_size)
-    rows = 2 if isinstance(network, FractureNet) and network.mirror else 1
-    return max(1, min(batch_size, CPU_PASS_PIXELS // (rows * height * width)))
+    pixels = height * width
+    if isinstance(network, FractureNet):
+        if network.mirror:
+            pixels *= 2
+        if network.tile:
+            pixels = pixels * tiled_pixels(height, width, network.tile, network.tile_margin)
+            pixels //= height * width
+    return max(1, min(batch_size, CPU_PASS_PIXELS // pixels))
+
+
+def tiled_pixels(height: int, width: int, tile: int, margin: int) -> int:
+    """Pixels an image of ``height`` x ``width`` px is scored on in tiles (see FractureNet)."""
+    rows, cols = tile_spans(height, tile, margin), tile_spans(width, tile, margin)
+    if len(rows) == 1 and len(cols) == 1:
+        return height * width
+    return len(rows) * min(tile, height) * len(cols) * min(tile, width)
 
 
 def count_parameters(module: nn.Module) -> int:
@@ -237,9 +377,13 @@ __all__ = [
     "count_parameters",
     "evidence_layer",
     "gradcam_layer",
-    "mirror_off",
     "scoring_batch",
     "set_mirror",
+    "set_tiles",
+    "single_pass",
     "supports_mirror",
+    "supports_tiles",
+    "tile_spans",
+    "tiled_pixels",
 ]
 _ = torch  # torch is imported so that importing this module fails loudly without it

@@ -33,7 +33,14 @@ from torch import nn
 from boneflow.config import Settings
 from boneflow.errors import ModelIntegrityError, ModelNotFound
 from boneflow.fsio import fsync_path
-from boneflow.models.networks import build_network, set_mirror, supports_mirror
+from boneflow.models.networks import (
+    build_network,
+    check_tiles,
+    set_mirror,
+    set_tiles,
+    supports_mirror,
+    supports_tiles,
+)
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +75,10 @@ class ModelManifest:
     false): the network scores each image together with its left-right mirror image and
     averages the two evidence maps (``networks.FractureNet``); the calibration, threshold
     and metrics were all measured that way.
+    ``tile`` and ``tile_margin`` (px; fracture models of an architecture that can, since
+    2026-12-07; default 0, the whole image at once): the network scores each image in
+    tiles of ``tile`` px, each evidence cell taken from a tile that extends about
+    ``tile_margin`` px beyond it (``networks.FractureNet``); measured that way too.
     """
 
     name: str
@@ -86,6 +97,8 @@ class ModelManifest:
     calibration: Mapping[str, float] = field(default_factory=dict)
     calibration_by_part: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
     mirror: bool = False
+    tile: int = 0
+    tile_margin: int = 0
     weights_file: str = WEIGHTS_FILE
     weights_sha256: str = ""
 
@@ -107,6 +120,9 @@ class ModelManifest:
             _check_scaling("calibration", self.calibration)
         if self.mirror and not (self.task == "fracture" and supports_mirror(self.architecture)):
             raise ValueError(f"{self.architecture} cannot score mirror images (mirror: true)")
+        if self.tile and not (self.task == "fracture" and supports_tiles(self.architecture)):
+            raise ValueError(f"{self.architecture} cannot score in tiles (tile: {self.tile})")
+        check_tiles(self.tile, self.tile_margin)
         for part, scaling in self.calibration_by_part.items():
             if part not in self.body_parts:
                 raise ValueError(f"calibration_by_part: {part!r} is not one of body_parts")
@@ -149,6 +165,8 @@ class ModelManifest:
         values["input_size"] = int(values.get("input_size", 224))
         values["threshold"] = float(values.get("threshold", 0.5))
         values["mirror"] = values.get("mirror", False) is True
+        values["tile"] = int(values.get("tile", 0))
+        values["tile_margin"] = int(values.get("tile_margin", 0))
         scaling = dict(values.get("calibration") or {})
         values["calibration"] = {k: float(v) for k, v in scaling.items()}
         by_part = dict(values.get("calibration_by_part") or {})
@@ -315,6 +333,7 @@ class Registry:
         except (RuntimeError, ValueError, KeyError) as exc:
             raise ModelIntegrityError(f"{manifest.model_id}: weights do not fit: {exc}") from exc
         set_mirror(network, manifest.mirror)
+        set_tiles(network, manifest.tile, manifest.tile_margin)
         network.eval()
         return LoadedModel(network=network, manifest=manifest)
 

@@ -30,9 +30,10 @@ from boneflow.models.networks import (
     build_network,
     evidence_layer,
     gradcam_layer,
-    mirror_off,
     scoring_batch,
     set_mirror,
+    set_tiles,
+    single_pass,
 )
 from boneflow.models.transforms import Geometry, PreprocessParams, preprocess
 
@@ -83,6 +84,10 @@ class FitConfig:
     hard_negatives: float = 0.3  # crops: share of the non-line crops on mined false alarms
     # validate (and register) scoring each image with its mirror image (fracnet only)
     mirror: bool = False
+    # > 0: validate (and register) scoring whole images in tiles of this many px, each
+    # cell keeping tile_margin px of context (fracnet only; networks.FractureNet)
+    tile: int = 0
+    tile_margin: int = 0
     # float16 autocast on CUDA, bfloat16 on a CPU with native bf16 (AVX-512 BF16 or AMX);
     # weights, optimiser and loss stay float32. Elsewhere it has no effect.
     mixed_precision: bool = True
@@ -178,6 +183,7 @@ def fit(
     seed_everything(config.seed)
     network = build_network(config.architecture, config.num_classes).to(device)
     set_mirror(network, config.mirror)  # eval mode only: validation, not training
+    set_tiles(network, config.tile, config.tile_margin)  # the same
     cuda = device.type == "cuda"
     amp = mixed_precision_dtype(device, config.mixed_precision)
     if channels_last(device, amp):  # the layout the fast kernels want
@@ -337,11 +343,12 @@ def scoring_seconds(
     """Seconds per image that :func:`predict` takes here for a network trained with ``config``.
 
     Timed on (up to) ``sample`` of ``images`` after two warm-up passes, with an untrained
-    network of the same architecture, layout and mirror scoring (the weights do not change
+    network of the same architecture, layout, mirror and tiled scoring (the weights do not change
     the cost; real images do: an all-zero batch runs 2-3x slower on some CPUs).
     """
     network = build_network(config.architecture, config.num_classes).to(device)
     set_mirror(network, config.mirror)
+    set_tiles(network, config.tile, config.tile_margin)
     if channels_last(device, mixed_precision_dtype(device, config.mixed_precision)):
         network = network.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     count = max(1, min(sample, len(images)))
@@ -825,7 +832,7 @@ class _Cropper:
         network.eval()
         index = self.rng.choice(len(self.data), min(self.MINE_IMAGES, len(self.data)), False)
         guard = self.size // 4
-        with torch.inference_mode(), mirror_off(network):
+        with torch.inference_mode(), single_pass(network):
             step = scoring_batch(network, 16, *_size(self.data), device)
             for start in range(0, len(index), step):
                 chunk = np.sort(index[start : start + step])

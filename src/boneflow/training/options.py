@@ -35,6 +35,8 @@ class TrainOptions:
     crop_size: int = 0  # > 0: fracture model on crops around known fracture lines (synth)
     localisation_weight: float | None = None  # None: 1.0 when the data locate fractures
     mirror: bool = False  # fracture model scores each image with its mirror image (fracnet)
+    tile: int = 0  # > 0: fracture model scores images in tiles of this many px (fracnet)
+    tile_margin: int = 64  # context each scored cell keeps inside its tile, px
 
 
 @dataclass(frozen=True, slots=True)

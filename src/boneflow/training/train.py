@@ -21,7 +21,12 @@ import numpy.typing as npt
 
 from boneflow.config import Settings
 from boneflow.findings import BODY_PARTS
-from boneflow.models.networks import evidence_layer, supports_mirror
+from boneflow.models.networks import (
+    check_tiles,
+    evidence_layer,
+    supports_mirror,
+    supports_tiles,
+)
 from boneflow.models.registry import (
     FRACTURE_LABELS,
     LoadedModel,
@@ -151,8 +156,8 @@ def fit_config(
 
     Raises:
         DatasetError: crops asked for without fracture locations or with a network that
-            cannot score a whole image after training on crops; mirror scoring asked for
-            with a network that cannot score mirror images.
+            cannot score a whole image after training on crops; mirror or tiled scoring
+            asked for with a network that cannot do it, or tiles off FractureNet's grid.
     """
     architecture = options.architecture or DEFAULT_ARCHITECTURE[task]
     crop_size = options.crop_size if task == "fracture" else 0
@@ -168,6 +173,16 @@ def fit_config(
         raise DatasetError(
             f"--mirror needs a network that can score mirror images (fracnet), not {architecture}"
         )
+    tile = options.tile if task == "fracture" else 0
+    margin = options.tile_margin if tile else 0
+    if tile and not supports_tiles(architecture):
+        raise DatasetError(
+            f"--tile needs a network that can score in tiles (fracnet), not {architecture}"
+        )
+    try:
+        check_tiles(tile, margin)
+    except ValueError as exc:
+        raise DatasetError(f"--tile {tile} --tile-margin {margin}: {exc}") from None
     weight = options.localisation_weight
     if weight is None:
         weight = 1.0 if located else 0.0
@@ -185,6 +200,8 @@ def fit_config(
         localisation_weight=weight if task == "fracture" and located else 0.0,
         crop_size=crop_size,
         mirror=mirror,
+        tile=tile,
+        tile_margin=margin,
     )
 
 
@@ -318,6 +335,8 @@ def train_and_register(
         calibration=scaling,
         calibration_by_part=by_part,
         mirror=config.mirror,
+        tile=config.tile,
+        tile_margin=config.tile_margin,
         metrics={**summary(evaluation), "test_n": len(data.test)},
         data_fingerprint=fingerprint,
         training=training,

@@ -201,8 +201,9 @@ def _interleaved(
 
 def bench_end_to_end(device: str, config: dict[str, Any], quick: bool) -> dict[str, Any]:
     """``config``: router and fracture networks and sizes; ``mirror`` (the fracture model
-    scores mirror images too); ``pass_pixels`` (the CPU pass cap, ``networks.CPU_PASS_PIXELS``;
-    a huge value turns it off, for comparison)."""
+    scores mirror images too); ``tile``, ``tile_margin`` (it scores in tiles); ``pass_pixels``
+    (the CPU pass cap, ``networks.CPU_PASS_PIXELS``; a huge value turns it off, for
+    comparison)."""
     cap = networks.CPU_PASS_PIXELS
     networks.CPU_PASS_PIXELS = int(config.get("pass_pixels", cap))
     try:
@@ -242,6 +243,8 @@ def _end_to_end(device: str, config: dict[str, Any], quick: bool) -> dict[str, A
                 preprocessing=PreprocessParams(input_size=config["fracture_size"]).to_dict(),
                 threshold=0.5,
                 mirror=bool(config.get("mirror", False)),
+                tile=int(config.get("tile", 0)),
+                tile_margin=int(config.get("tile_margin", 0)),
             ),
         )
         analyzer = Analyzer(registry, device=device, batch_size=16)
@@ -308,7 +311,16 @@ def main() -> int:
     results["end_to_end"] = [
         bench_end_to_end(str(device), c, args.quick)
         for c in (
-            {  # the demo's models (fracture model at 512 px, mirror scoring since round 12)
+            {  # the demo's models (fracture model at 512 px, mirror and tiled scoring)
+                "router": "resnet10",
+                "router_size": 128,
+                "fracture": "fracnet",
+                "fracture_size": 512,
+                "mirror": True,
+                "tile": 320,
+                "tile_margin": 64,
+            },
+            {  # the demo's models of round 12: mirror scoring of whole images
                 "router": "resnet10",
                 "router_size": 128,
                 "fracture": "fracnet",

@@ -297,17 +297,8 @@ def test_a_mirror_scoring_model_reports_the_score_of_the_image_and_its_mirror_im
 
     from boneflow.models.inference import _params
     from boneflow.models.transforms import preprocess
-    from tests.model_fixtures import make_test_models
 
-    make_test_models(tmp_path)
-    registry = Registry(tmp_path)
-    (first,) = Analyzer(registry, "cpu").analyse([_input("RG3_UNCR", radiograph_pixels)])
-    assert first.fracture_model is not None
-    leg = registry.load(first.fracture_model.name).manifest
-    torch.manual_seed(5)
-    network = build_network("fracnet", 2)
-    with torch.no_grad():  # a sharper evidence map than initialisation gives: scores that differ
-        network.evidence.weight.mul_(50.0)  # type: ignore[operator]
+    registry, leg, network = _leg_model_and_a_fracnet(tmp_path, radiograph_pixels, seed=5)
     base = replace(leg, architecture="fracnet", threshold=0.0)
     registry.register(network, replace(base, version="2"))
     registry.register(network, replace(base, version="3", mirror=True))
@@ -346,17 +337,9 @@ def test_a_tiled_scoring_model_reports_the_score_of_its_tiles(
     from boneflow.models.inference import _params
     from boneflow.models.networks import set_mirror, set_tiles
     from boneflow.models.transforms import preprocess
-    from tests.model_fixtures import make_test_models
 
-    make_test_models(tmp_path)  # 224 px: tiles of 160 px start at 0 and 64
-    registry = Registry(tmp_path)
-    (first,) = Analyzer(registry, "cpu").analyse([_input("RG3_UNCR", radiograph_pixels)])
-    assert first.fracture_model is not None
-    leg = registry.load(first.fracture_model.name).manifest
-    torch.manual_seed(6)
-    network = build_network("fracnet", 2)
-    with torch.no_grad():  # a sharper evidence map than initialisation gives: scores that differ
-        network.evidence.weight.mul_(50.0)  # type: ignore[operator]
+    # the test models take 224 px: tiles of 160 px start at 0 and 64
+    registry, leg, network = _leg_model_and_a_fracnet(tmp_path, radiograph_pixels, seed=6)
     base = replace(leg, architecture="fracnet", threshold=0.0, mirror=True)
     registry.register(network, replace(base, version="2"))
     (whole,) = Analyzer(registry, "cpu").analyse([_input("RG3_UNCR", radiograph_pixels)])
@@ -375,3 +358,21 @@ def test_a_tiled_scoring_model_reports_the_score_of_its_tiles(
     assert tiled.heatmap is not None
     assert tiled.heatmap.shape == radiograph_pixels["RG3_UNCR"].shape
     assert float(tiled.heatmap.max()) == pytest.approx(1.0, abs=1e-3)
+
+
+def _leg_model_and_a_fracnet(
+    tmp_path: Path, radiograph_pixels: Pixels, seed: int
+) -> tuple[Registry, ModelManifest, torch.nn.Module]:
+    """The test models, the manifest of the one that scores RG3, and a fresh fracnet."""
+    from tests.model_fixtures import make_test_models
+
+    make_test_models(tmp_path)
+    registry = Registry(tmp_path)
+    (first,) = Analyzer(registry, "cpu").analyse([_input("RG3_UNCR", radiograph_pixels)])
+    assert first.fracture_model is not None
+    leg = registry.load(first.fracture_model.name).manifest
+    torch.manual_seed(seed)
+    network = build_network("fracnet", 2)
+    with torch.no_grad():  # a sharper evidence map than initialisation gives: scores that differ
+        network.evidence.weight.mul_(50.0)  # type: ignore[operator]
+    return registry, leg, network

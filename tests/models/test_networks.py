@@ -89,10 +89,7 @@ def test_mirror_scoring_gives_an_image_and_its_mirror_image_one_score() -> None:
 def test_mirror_scoring_averages_the_two_evidence_maps_before_pooling() -> None:
     torch.manual_seed(1)
     network = build_network("fracnet", 2).eval()
-    maps: list[torch.Tensor] = []
-    dict(network.named_modules())["evidence"].register_forward_hook(
-        lambda _m, _i, o: maps.append(o)
-    )
+    maps = _recorded_evidence(network)
     x = torch.rand(2, 1, 64, 64)
     with torch.inference_mode():
         network(x)
@@ -159,10 +156,7 @@ def test_tile_spans_cover_the_axis_and_keep_the_margin() -> None:
 def test_tiled_scoring_takes_each_cell_from_its_own_tile() -> None:
     torch.manual_seed(5)
     network = build_network("fracnet", 2).eval()
-    maps: list[torch.Tensor] = []
-    dict(network.named_modules())["evidence"].register_forward_hook(
-        lambda _m, _i, o: maps.append(o)
-    )
+    maps = _recorded_evidence(network)
     x = torch.rand(2, 1, 128, 96)  # rows in two tiles of 96 px, columns in one
     assert tile_spans(128, 96, 16) == [(0, 0, 64), (32, 64, 128)]
     with torch.inference_mode():
@@ -182,10 +176,7 @@ def test_tiled_scoring_takes_each_cell_from_its_own_tile() -> None:
 def test_tiled_scoring_limits_the_context_of_each_cell() -> None:
     torch.manual_seed(6)
     network = build_network("fracnet", 2).eval()
-    maps: list[torch.Tensor] = []
-    dict(network.named_modules())["evidence"].register_forward_hook(
-        lambda _m, _i, o: maps.append(o)
-    )
+    maps = _recorded_evidence(network)
     x = torch.rand(1, 1, 256, 256)
     far = x.clone()
     far[..., 200:, 200:] = 1.0  # far from the top-left corner: outside its tile of 128 px
@@ -235,3 +226,12 @@ def test_a_scoring_pass_counts_the_pixels_of_mirror_images_and_tiles() -> None:
     set_tiles(network, 320, 64)
     assert scoring_batch(network, 32, 512, 512, cpu) == 2  # 2**21 // (2 * 409600)
     assert scoring_batch(network, 32, 512, 512, torch.device("meta")) == 32  # not a CPU
+
+
+def _recorded_evidence(network: torch.nn.Module) -> list[torch.Tensor]:
+    """The evidence maps of every later pass of ``network``, in order."""
+    maps: list[torch.Tensor] = []
+    dict(network.named_modules())["evidence"].register_forward_hook(
+        lambda _m, _i, o: maps.append(o)
+    )
+    return maps

@@ -121,9 +121,7 @@ class FractureNet(nn.Module):
             raise ValueError("FractureNet is a binary detector (num_classes must be 2)")
         self.sharpness = sharpness
         self.mirror = mirror
-        self.tile = 0
-        self.tile_margin = 0
-        self.set_tiles(tile, tile_margin)
+        self.set_tiles(tile, tile_margin)  # sets tile and tile_margin
         self.stem = nn.Sequential(_down(1, width // 2), _down(width // 2, width))
         self.stage2 = nn.Sequential(_Residual(width), _down(width, 2 * width))
         self.features = nn.Sequential(

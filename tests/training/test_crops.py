@@ -252,3 +252,73 @@ def test_the_scoring_passes_are_timed_with_the_network_that_will_run_them(
     passes.clear()
     scoring_seconds(replace(CONFIG, batch_size=4), data, CPU, sample=12)
     assert [rows for rows, _, _ in passes] == [4, 4, 4, 4, 4]  # two to warm up, three timed
+
+
+def _anatomy_set(count: int, seed: int, width: int = SIZE) -> tuple[ImageSet, list[np.ndarray]]:
+    """A bright bar (class 1) and a brighter square (class 2) on dark noise, per image."""
+    rng = np.random.default_rng(seed)
+    images, maps = [], []
+    for _ in range(count):
+        image = (0.2 + 0.04 * rng.standard_normal((SIZE, width))).astype(np.float32)
+        classes = np.zeros((SIZE, width), np.uint8)
+        row, col = (int(v) for v in rng.integers(8, SIZE - 40, size=2))
+        image[row : row + 8, 4 : width - 4] = 0.6
+        classes[row : row + 8, 4 : width - 4] = 1
+        image[col : col + 24, col : col + 24] = 0.95
+        classes[col : col + 24, col : col + 24] = 2
+        images.append(np.clip(image, 0, 1))
+        maps.append(classes)
+    data = build_image_set(
+        images,
+        [0] * count,
+        PreprocessParams(input_size=SIZE),
+        ["wrist"] * count,
+        segments=[None] * count,
+        anatomy=maps,
+    )
+    return data, maps
+
+
+def test_anatomy_lands_on_the_input_grid_and_in_every_crop() -> None:
+    data, maps = _anatomy_set(6, seed=5, width=72)  # padded 12 px a side to 96 px
+    assert data.anatomy is not None and data.anatomy.shape == (6, SIZE, SIZE)
+    assert not data.anatomy[:, :, :12].any() and not data.anatomy[:, :, -12:].any()
+    assert np.array_equal(data.anatomy[:, :, 12:84], np.stack(maps))
+    # the class map follows the pixels: the square (class 2) is brighter than the rest
+    assert data.images[data.anatomy == 2].mean() > data.images[data.anatomy == 0].mean() + 50
+    # every crop carries the class map of its own pixels (here: a function of them)
+    marked = replace(data, anatomy=(data.images >= 128).astype(np.uint8))
+    cropper = _Cropper.create(marked, CONFIG)
+    assert cropper is not None
+    crops = cropper.crops(np.arange(len(data)).repeat(4))
+    assert crops.anatomy is not None and crops.anatomy.shape == crops.images.shape
+    assert np.array_equal(crops.anatomy, (crops.images >= 128).astype(np.uint8))
+
+
+def test_the_anatomy_head_learns_and_stays_out_of_the_network(tmp_path: Path) -> None:
+    from boneflow.models.networks import build_network
+    from boneflow.training.engine import CHECKPOINT
+
+    train, _ = _anatomy_set(64, seed=6)
+    val = _line_set(16, seed=7)
+    config = replace(CONFIG, anatomy_weight=1.0, localisation_weight=0.0, epochs=8)
+    result = fit(config, train, val, tmp_path, CPU)
+    plain = build_network("fracnet", 2).state_dict()
+    assert result.network.state_dict().keys() == plain.keys()  # nothing of the head
+    state = torch.load(tmp_path / CHECKPOINT, weights_only=True)
+    head = torch.nn.Conv2d(64, 4, kernel_size=1)
+    head.load_state_dict(state["anatomist"])
+    # on unseen images the head tells bar, square and background apart, cell by cell
+    test, _ = _anatomy_set(8, seed=8)
+    assert test.anatomy is not None
+    cells = {}
+    hook = result.network.cells.register_forward_hook(lambda _m, _i, out: cells.update(x=out))
+    with torch.no_grad():
+        result.network(torch.from_numpy(test.images).float().div(255).unsqueeze(1))
+        predicted = head(cells["x"]).argmax(1).numpy()
+    hook.remove()
+    target = torch.nn.functional.adaptive_max_pool2d(
+        torch.from_numpy(test.anatomy).float().unsqueeze(1), predicted.shape[-2:]
+    )[:, 0].numpy()
+    for label in (0, 1, 2):
+        assert (predicted[target == label] == label).mean() > 0.7, label

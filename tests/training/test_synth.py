@@ -11,6 +11,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import numpy.typing as npt
 import pydicom
 import pytest
 
@@ -19,6 +20,7 @@ from boneflow.errors import BoneflowError
 from boneflow.findings import BODY_PARTS
 from boneflow.training.synth import (
     LABEL_COLUMNS,
+    SynthImage,
     SynthSpec,
     fracture_visibility,
     generate_image,
@@ -28,6 +30,7 @@ from boneflow.training.synth import (
 )
 from boneflow.training.synth_dataset import plan_images
 from boneflow.training.synth_fracture import DIFFICULTIES, FRACTURE_TYPES, MIN_VISIBILITY
+from boneflow.training.synth_raster import ANATOMY_CLASSES, Bone, Canvas, Lucency, draw_bone
 
 SIZE = 160
 
@@ -146,6 +149,50 @@ def test_fractures_show_at_least_what_their_tier_promises() -> None:
     medians = [float(np.median(seen[t])) for t in DIFFICULTIES]
     assert medians[0] > medians[1] > medians[2] > 0, medians  # easy shows most
     assert generate_image(rng, "hand", False, 256).visibility == 0.0
+
+
+def test_anatomy_names_bone_overlap_and_distractor_lines() -> None:
+    canvas = Canvas(64, 64, 1.0)
+    texture = np.ones((64, 64), np.float32)
+    draw_bone(canvas, Bone("across", 4, 20, 60, 20, 5.0), texture)
+    plate = Lucency(u0=30.0, slope=0.0, width_px=1.0, depth=0.8, d_lo=-6.0, d_hi=6.0)
+    draw_bone(canvas, Bone("down", 20, 4, 20, 60, 5.0), texture, None, (plate,))
+    classes = canvas.anatomy()
+    assert ANATOMY_CLASSES == ("background", "bone", "overlap", "distractor")
+    assert classes[20, 20] == 2  # where the two bones cross
+    assert classes[20, 45] == 1 and classes[50, 20] == 1  # each bone alone
+    assert classes[34, 20] == 3  # the lucent line across the second bone (u = 30 px)
+    assert classes[34, 40] == 0 and classes[5, 50] == 0  # no bone
+    assert not (classes[:, 40:] == 3).any()  # the line stays on its bone
+
+
+def test_anatomy_of_an_image_covers_its_bones_inside_the_collimator() -> None:
+    rng = np.random.default_rng(5)
+    spec = SynthSpec(young_rate=1.0)  # growth plates drawn
+    seen: set[int] = set()
+    for body_part in ("wrist", "shoulder", "forearm", "hand"):
+        for _ in range(3):
+            image, bone = render(rng, body_part, False, 256, spec=spec)
+            classes = image.anatomy
+            assert classes is not None and classes.shape == image.pixels.shape
+            assert classes.dtype == np.uint8 and int(classes.max()) <= 3
+            seen |= set(np.unique(classes).tolist())
+            # every labelled pixel lies on drawn bone; most drawn bone is labelled
+            assert (bone[classes > 0] > 0).all()
+            strong = bone > 0.2 * float(bone.max())
+            labelled = classes[strong] > 0
+            exposed = _exposed(image)
+            assert labelled[exposed[strong]].mean() > 0.9
+            assert not classes[~exposed].any()  # nothing outside the collimator
+    assert seen == {0, 1, 2, 3}
+
+
+def _exposed(image: SynthImage) -> npt.NDArray[np.bool_]:
+    """Where the collimator blanked nothing: rows and columns that are not constant."""
+    pixels = image.pixels.astype(np.float64)
+    rows = pixels.std(axis=1) > 0
+    cols = pixels.std(axis=0) > 0
+    return rows[:, None] & cols[None, :]
 
 
 def test_monochrome1_is_the_inverse_of_monochrome2() -> None:

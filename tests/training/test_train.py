@@ -177,7 +177,7 @@ def test_fit_hands_over_the_kept_epochs_validation_probabilities(
 def test_augmentation_moves_the_fracture_mask_with_the_image() -> None:
     image = torch.zeros(4, 1, 32, 32)
     image[:, :, 10:12, 5:25] = 1.0
-    augmented, mask = augment_batch(image, torch.Generator().manual_seed(0), image.clone())
+    augmented, mask, _ = augment_batch(image, torch.Generator().manual_seed(0), image.clone())
     assert mask is not None
     # same geometry: where the (unaltered-intensity) mask is, the image is bright too
     assert float((augmented * (mask > 0.5)).sum()) > 0

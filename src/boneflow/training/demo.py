@@ -87,6 +87,9 @@ class DemoPlan:
     # round 12, 2026-12-07: a fixed 1.3 minutes for everything after training)
     final_minutes: float = 0.3
     localisation_weight: float = 3.0  # the mask loss against the line (1.0 before round 6)
+    # > 0: the fracture model also learns the drawn anatomy per cell (FitConfig.anatomy_weight);
+    # off: 0.930 over four demo runs with it against 0.929 without (round 14), +1 GB memory
+    anatomy_weight: float = 0.0
     # validate only after the last epoch (0.8 before 2026-12-07: a validation pass cost
     # more than a crop epoch on an AVX2 CPU, and the annealed last epoch was kept anyway)
     fracture_validate_from: float = 1.0
@@ -297,6 +300,9 @@ def _make_chunk(
     tiers: list[str] = []
     types: list[str] = []
     segments: list[tuple[float, float, float, float] | None] = []
+    # the anatomy maps are a training-only target: kept for training images when asked for
+    keep_anatomy = split == "train" and plan.anatomy_weight > 0
+    anatomy: list[npt.NDArray[np.uint8] | None] = []
     for i in patients:
         rng = patient_rng(plan.seed, split, i)
         part = BODY_PARTS[i % len(BODY_PARTS)]
@@ -308,6 +314,7 @@ def _make_chunk(
         tiers.append(str(image.difficulty))
         types.append(image.fracture_type or "none")
         segments.append(image.fracture_segment)
+        anatomy.append(image.anatomy if keep_anatomy else None)
     router = build_image_set(
         images, [BODY_PARTS.index(p) for p in parts], router_params, parts, tiers
     )
@@ -320,18 +327,21 @@ def _make_chunk(
         [tiers[i] for i in limb],
         segments=[segments[i] for i in limb],
         fracture_types=[types[i] for i in limb],
+        anatomy=[anatomy[i] for i in limb] if keep_anatomy else None,
     )
     return router, fracture
 
 
 def _concatenate(sets: list[ImageSet]) -> ImageSet:
     masks = [s.masks for s in sets if s.masks is not None]
+    anatomy = [s.anatomy for s in sets if s.anatomy is not None]
     return ImageSet(
         images=np.concatenate([s.images for s in sets]),
         labels=np.concatenate([s.labels for s in sets]),
         body_parts=tuple(p for s in sets for p in s.body_parts),
         difficulties=tuple(d for s in sets for d in s.difficulties),
         masks=np.concatenate(masks) if len(masks) == len(sets) else None,
+        anatomy=np.concatenate(anatomy) if sets and len(anatomy) == len(sets) else None,
         fracture_types=(
             tuple(t for s in sets for t in s.fracture_types)
             if all(len(s.fracture_types) == len(s) for s in sets)
@@ -355,6 +365,7 @@ def _config(plan: DemoPlan, task: str) -> FitConfig:
         schedule="timed",
         validate_from=0.0 if router else plan.fracture_validate_from,
         localisation_weight=0.0 if router else plan.localisation_weight,
+        anatomy_weight=0.0 if router else plan.anatomy_weight,
         crop_size=0 if router else plan.fracture_crop,
         hard_negatives=0.0 if router else plan.fracture_hard_negatives,
         mirror=not router and plan.fracture_mirror,

@@ -53,6 +53,8 @@ class ImageSet:
     difficulties: tuple[str, ...]
     masks: npt.NDArray[np.uint8] | None = None  # N x S x S, 255 on the fracture line (synth)
     fracture_types: tuple[str, ...] = ()  # per image ("none" for negatives), when the data say
+    # N x S x S class ids of synth_raster.ANATOMY_CLASSES (synth; training-only target)
+    anatomy: npt.NDArray[np.uint8] | None = None
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -80,6 +82,9 @@ class FitConfig:
     schedule: str = "plateau"
     validate_from: float = 0.0  # share of the run before which epochs skip validation
     localisation_weight: float = 0.0  # > 0: also learn where the fracture is (needs masks)
+    # > 0: also learn, per cell, bone / overlapping bones / growth plate or canal (needs the
+    # synthetic anatomy maps; a training-only head on the Grad-CAM layer)
+    anatomy_weight: float = 0.0
     crop_size: int = 0  # > 0: train on crops (needs masks, a fully-convolutional network)
     hard_negatives: float = 0.3  # crops: share of the non-line crops on mined false alarms
     # validate (and register) scoring each image with its mirror image (fracnet only)
@@ -120,6 +125,7 @@ def build_image_set(
     progress: Callable[[int], None] | None = None,
     segments: Sequence[tuple[float, float, float, float] | None] | None = None,
     fracture_types: Sequence[str] | None = None,
+    anatomy: Sequence[npt.NDArray[np.uint8] | None] | None = None,
 ) -> ImageSet:
     """Preprocess every image once into a ``uint8`` cache.
 
@@ -134,11 +140,14 @@ def build_image_set(
             None); drawn into ``masks`` on the network input's grid.
         fracture_types: fracture type of each image ("none" for negatives), if known (for
             per-type metrics).
+        anatomy: per image, its class map on the source grid (``SynthImage.anatomy``);
+            carried onto the network input's grid (nearest neighbour) as ``anatomy``.
     """
     count = len(labels)
     size = params.input_size
     cache = np.zeros((count, size, size), dtype=np.uint8)
     masks = np.zeros((count, size, size), dtype=np.uint8) if segments is not None else None
+    classes = np.zeros((count, size, size), dtype=np.uint8) if anatomy is not None else None
     for i in range(count):
         image = images(i) if callable(images) else images[i]
         tensor, geometry = preprocess(image, params)
@@ -146,6 +155,9 @@ def build_image_set(
         segment = segments[i] if segments is not None else None
         if masks is not None and segment is not None:
             _draw_segment(masks[i], segment, geometry)
+        source = anatomy[i] if anatomy is not None else None
+        if classes is not None and source is not None:
+            _place_classes(classes[i], source, geometry)
         if progress is not None:
             progress(1)
     return ImageSet(
@@ -155,6 +167,7 @@ def build_image_set(
         difficulties=tuple(difficulties or ["none"] * count),
         masks=masks,
         fracture_types=tuple(fracture_types or ()),
+        anatomy=classes,
     )
 
 
@@ -189,8 +202,9 @@ def fit(
     if channels_last(device, amp):  # the layout the fast kernels want
         network = network.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     localiser = _Localiser(network, config, train, device)
+    anatomist = _Anatomist(network, config, train, device)
     cropper = _Cropper.create(train, config)
-    optimizer = _optimizer(config, network, localiser.head)
+    optimizer = _optimizer(config, network, localiser.head, anatomist.head)
     scheduler = _scheduler(config, optimizer, len(train))
     scaler = torch.amp.GradScaler("cuda", enabled=cuda and amp is torch.float16)
     weights = class_weights(train.labels, config.num_classes).to(device)
@@ -210,6 +224,8 @@ def fit(
         best_state = state["best_model"]
         if localiser.head is not None and "localiser" in state:
             localiser.head.load_state_dict(state["localiser"])
+        if anatomist.head is not None and "anatomist" in state:
+            anatomist.head.load_state_dict(state["anatomist"])
         history = [dict(h) for h in state["history"]]
         best_score, best_epoch = float(state["best_score"]), int(state["best_epoch"])
         bad_epochs, start_epoch = int(state["bad_epochs"]), int(state["epoch"])
@@ -234,6 +250,7 @@ def fit(
             localiser,
             cropper,
             amp,
+            anatomist,
         )
         out_of_time = (
             isinstance(scheduler, _TimedOneCycle)
@@ -291,6 +308,7 @@ def fit(
                 "bad_epochs": bad_epochs,
                 "epoch": epoch + 1,
                 **({"localiser": localiser.head.state_dict()} if localiser.head else {}),
+                **({"anatomist": anatomist.head.state_dict()} if anatomist.head else {}),
             },
             checkpoint_path,
         )
@@ -303,6 +321,7 @@ def fit(
             stopped = "early-stopping"
             break
     localiser.close()
+    anatomist.close()
     network.load_state_dict(best_state)
     network.eval()
     seconds = time.monotonic() - started
@@ -409,11 +428,15 @@ def recalibrate_batchnorm(
 
 
 def augment_batch(
-    batch: torch.Tensor, generator: torch.Generator, mask: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+    batch: torch.Tensor,
+    generator: torch.Generator,
+    mask: torch.Tensor | None = None,
+    classes: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Random rotation (±10°), zoom (0.9-1.1), shift (±6 %), left-right flip, gamma, noise.
 
-    A fracture ``mask`` (same shape as the batch) gets the same geometric transform.
+    A fracture ``mask`` and a class map ``classes`` (ids as floats; nearest neighbour), each
+    shaped as the batch, get the same geometric transform.
     """
     n = batch.shape[0]
 
@@ -432,11 +455,15 @@ def augment_batch(
     out = F.grid_sample(batch, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     if mask is not None:
         mask = F.grid_sample(mask, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    if classes is not None:
+        classes = F.grid_sample(
+            classes, grid, mode="nearest", padding_mode="zeros", align_corners=False
+        )
     gamma = uniform(0.8, 1.25).to(batch.device).view(n, 1, 1, 1)
     out = out.clamp(0.0, 1.0).pow(gamma)
     noise = torch.randn(out.shape, generator=generator).to(batch.device)
     noisy = torch.rand(n, generator=generator).to(batch.device).view(n, 1, 1, 1) < 0.2
-    return torch.where(noisy, (out + 0.02 * noise).clamp(0.0, 1.0), out), mask
+    return torch.where(noisy, (out + 0.02 * noise).clamp(0.0, 1.0), out), mask, classes
 
 
 def class_weights(labels: npt.NDArray[np.int64], num_classes: int) -> torch.Tensor:
@@ -522,6 +549,7 @@ def _train_epoch(
     localiser: _Localiser,
     cropper: _Cropper | None = None,
     amp: torch.dtype | None = None,
+    anatomist: _Anatomist | None = None,
 ) -> float:
     network.train()
     last = channels_last(device, amp)
@@ -537,8 +565,11 @@ def _train_epoch(
         mask = None
         if localiser.active and chunk.masks is not None:
             mask = _batch(chunk.masks[rows], device, last)
+        classes = None
+        if anatomist is not None and anatomist.active and chunk.anatomy is not None:
+            classes = torch.from_numpy(chunk.anatomy[rows]).to(device).float().unsqueeze(1)
         if config.augment:
-            batch, mask = augment_batch(batch, generator, mask)
+            batch, mask, classes = augment_batch(batch, generator, mask, classes)
         target = torch.from_numpy(chunk.labels[rows]).to(device)
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
             logits = network(batch).float()
@@ -548,6 +579,8 @@ def _train_epoch(
             loss = F.cross_entropy(logits.float(), target, weight=weights)
         if mask is not None:
             loss = loss + config.localisation_weight * localiser.loss(mask)
+        if classes is not None and anatomist is not None:
+            loss = loss + config.anatomy_weight * anatomist.loss(classes)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()  # type: ignore[no-untyped-call]
         scaler.step(optimizer)
@@ -691,9 +724,11 @@ def _scheduler(config: FitConfig, optimizer: torch.optim.Optimizer, images: int)
 
 
 def _optimizer(
-    config: FitConfig, network: nn.Module, extra: nn.Module | None = None
+    config: FitConfig, network: nn.Module, *extra: nn.Module | None
 ) -> torch.optim.Optimizer:
-    parameters = list(network.parameters()) + (list(extra.parameters()) if extra else [])
+    parameters = list(network.parameters())
+    for head in extra:
+        parameters += list(head.parameters()) if head is not None else []
     if config.optimizer == "adamw":
         return torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=1e-4)
     return torch.optim.SGD(parameters, lr=config.learning_rate, momentum=0.9, weight_decay=1e-4)
@@ -745,6 +780,55 @@ class _Localiser:
         target = F.adaptive_max_pool2d(mask, predicted.shape[-2:]).clamp(0.0, 1.0)
         weight = 1.0 + 20.0 * target  # a crack covers few cells; do not let zeros win
         return F.binary_cross_entropy_with_logits(predicted, target, weight=weight)
+
+
+class _Anatomist:
+    """An auxiliary 1x1 convolution on the Grad-CAM layer that learns the anatomy per cell.
+
+    Training only, like :class:`_Localiser`: per cell, no bone / one bone / overlapping
+    bones / a growth plate or nutrient canal (``synth_raster.ANATOMY_CLASSES``, drawn by
+    the generator). A false alarm of a fracture detector lies on exactly these structures
+    (an overlap's edge, a physis); naming them gives the features a dense signal about
+    what a crack is not. Not part of the registered model.
+    """
+
+    # the rarer classes count more: overlaps and distractor lines are few cells
+    CLASS_WEIGHTS = (1.0, 1.0, 2.0, 4.0)
+
+    def __init__(
+        self, network: nn.Module, config: FitConfig, data: ImageSet, device: torch.device
+    ) -> None:
+        self.active = config.anatomy_weight > 0 and data.anatomy is not None
+        self.features: torch.Tensor | None = None
+        self.head: nn.Module | None = None
+        self.weights = torch.tensor(self.CLASS_WEIGHTS, device=device)
+        if not self.active:
+            return
+        layer = dict(network.named_modules())[gradcam_layer(config.architecture)]
+        self._hook = layer.register_forward_hook(self._keep)
+        with torch.no_grad():
+            network.eval()
+            network(torch.zeros(1, 1, data.images.shape[1], data.images.shape[2], device=device))
+        if self.features is None:
+            raise RuntimeError(f"{config.architecture}: its Grad-CAM layer produced no output")
+        classes = len(self.CLASS_WEIGHTS)
+        self.head = nn.Conv2d(int(self.features.shape[1]), classes, kernel_size=1).to(device)
+
+    def close(self) -> None:
+        """Remove the hook from the network."""
+        if self.active:
+            self._hook.remove()
+
+    def _keep(self, _module: nn.Module, _inputs: object, output: torch.Tensor) -> None:
+        self.features = output
+
+    def loss(self, classes: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of the predicted cell classes; a cell takes its highest class id."""
+        if self.features is None or self.head is None:
+            raise RuntimeError("anatomist used before a forward pass")
+        predicted = self.head(self.features.float())
+        target = F.adaptive_max_pool2d(classes, predicted.shape[-2:])[:, 0].round().long()
+        return F.cross_entropy(predicted, target, weight=self.weights)
 
 
 class _Cropper:
@@ -804,13 +888,18 @@ class _Cropper:
         images = np.empty((len(index), size, size), dtype=np.uint8)
         masks = np.empty((len(index), size, size), dtype=np.uint8)
         labels = np.empty(len(index), dtype=np.int64)
+        anatomy = self.data.anatomy
+        classes = np.empty_like(masks) if anatomy is not None else None
         for row, i in enumerate(index):
             i, y, x = self._centre(int(i))
             y0, x0 = self._corner(y, x)
             images[row] = self.data.images[i, y0 : y0 + size, x0 : x0 + size]
             masks[row] = self.masks[i, y0 : y0 + size, x0 : x0 + size]
             labels[row] = int(np.count_nonzero(masks[row]) >= self.MIN_LINE_PIXELS)
-        return ImageSet(images, labels, ("crop",) * len(index), ("none",) * len(index), masks)
+            if classes is not None and anatomy is not None:
+                classes[row] = anatomy[i, y0 : y0 + size, x0 : x0 + size]
+        parts, tiers = ("crop",) * len(index), ("none",) * len(index)
+        return ImageSet(images, labels, parts, tiers, masks, anatomy=classes)
 
     def sample(self, count: int = 512) -> ImageSet:
         """Crops of random training images (batch-norm statistics at the training scale)."""
@@ -891,6 +980,16 @@ class _Cropper:
             int(np.clip(y - half, 0, height - self.size)),
             int(np.clip(x - half, 0, width - self.size)),
         )
+
+
+def _place_classes(
+    out: npt.NDArray[np.uint8], source: npt.NDArray[np.uint8], geometry: Geometry
+) -> None:
+    """A class map on the source grid onto the input grid, as preprocessing places pixels."""
+    rows, cols = geometry.resized_shape
+    resized = cv2.resize(source, (cols, rows), interpolation=cv2.INTER_NEAREST)
+    top, left = geometry.pad_top, geometry.pad_left
+    out[top : top + rows, left : left + cols] = resized
 
 
 def _draw_segment(

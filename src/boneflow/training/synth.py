@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import cv2
@@ -109,6 +109,9 @@ class SynthImage:
     view: str  # PA, AP, LAT, OBL
     # contrast over clutter of the drawn fracture (fracture_visibility); 0 for negatives
     visibility: float = 0.0
+    # training-only ground truth per pixel (synth_raster.ANATOMY_CLASSES: no bone, one bone,
+    # overlapping bones, a growth plate or canal), 0 outside the collimator; not stored
+    anatomy: npt.NDArray[np.uint8] | None = field(default=None, repr=False, compare=False)
 
 
 def generate_image(
@@ -229,7 +232,7 @@ def render(
         bone_map = bone_map + delta
     if anatomy.plates:
         bone_map = bone_map + _plates(anatomy, height, width, texture)
-    values = _expose(rng, anatomy, height, width, bone_map, placed)
+    values, exposed = _expose(rng, anatomy, height, width, bone_map, placed)
     markers = _markers(rng, values, laterality, view, placed)
     pixels, bits, photometric = _quantise(rng, markers, spec)
     image = SynthImage(
@@ -244,6 +247,7 @@ def render(
         laterality=laterality,
         view=view,
         visibility=round(visibility, 2),
+        anatomy=np.where(exposed, base.anatomy(), 0).astype(np.uint8),
     )
     return image, bone_map.astype(np.float32)
 
@@ -354,8 +358,9 @@ def _expose(
     width: int,
     bone_map: npt.NDArray[np.float32],
     placed: PlacedFracture | None,
-) -> npt.NDArray[np.float32]:
-    """Attenuation maps to a processed, noisy image in 0..1 (bone bright)."""
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.bool_]]:
+    """Attenuation maps to a processed, noisy image in 0..1 (bone bright), and where the
+    collimator let it be exposed."""
     canvas = Canvas(height, width, anatomy.px_per_unit)
     scale = height / 512.0
     for t in anatomy.tissues:
@@ -383,8 +388,7 @@ def _expose(
     lo, hi = np.percentile(log_image[::4, ::4], (0.5, 99.7))
     values = np.clip((log_image - lo) / max(hi - lo, 1e-3), 0, 1)
     values = np.power(values, float(rng.uniform(0.75, 1.3)))
-    values = _collimate(rng, values.astype(np.float32), placed)
-    return values
+    return _collimate(rng, values.astype(np.float32), placed)
 
 
 def _blobs(anatomy: Anatomy, height: int, width: int) -> npt.NDArray[np.float32]:
@@ -447,10 +451,13 @@ def _gradient(
 
 def _collimate(
     rng: np.random.Generator, values: npt.NDArray[np.float32], placed: PlacedFracture | None
-) -> npt.NDArray[np.float32]:
-    """Blank the area outside the collimator (unexposed: bright; or shuttered: black)."""
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.bool_]]:
+    """Blank the area outside the collimator (unexposed: bright; or shuttered: black).
+
+    Returns the image and where it is exposed (inside the collimator).
+    """
     if rng.random() < 0.3:
-        return values
+        return values, np.ones(values.shape, np.bool_)
     height, width = values.shape
     margins = rng.uniform(0.0, 0.1, 4)
     x0, x1 = margins[0] * width, width * (1 - margins[1])
@@ -463,7 +470,7 @@ def _collimate(
     cv2.rectangle(mask, (int(x0), int(y0)), (int(x1), int(y1)), 1.0, -1)
     mask = np.asarray(cv2.GaussianBlur(mask, (0, 0), 1.0), np.float32)
     outside = float(rng.uniform(0.85, 1.0)) if rng.random() < 0.6 else float(rng.uniform(0, 0.05))
-    return (values * mask + outside * (1 - mask)).astype(np.float32)
+    return (values * mask + outside * (1 - mask)).astype(np.float32), mask > 0.5
 
 
 def _markers(

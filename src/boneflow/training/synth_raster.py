@@ -17,6 +17,11 @@ import numpy.typing as npt
 
 Array = npt.NDArray[np.float32]
 
+# the classes of Canvas.anatomy(), in the order of their ids
+ANATOMY_CLASSES = ("background", "bone", "overlap", "distractor")
+BONE_PATH_PX = 1.0  # a pixel is on a bone where the projected path through it is longer
+LUCENT_DEPTH = 0.15  # ... and on a distractor line where the line takes this much of it
+
 
 @dataclass(frozen=True, slots=True)
 class Bone:
@@ -124,10 +129,26 @@ class Canvas:
     px_per_unit: float
     bone: Array = field(init=False)
     soft: Array = field(init=False)
+    # how many bones cover each pixel (capped at 2), and the distractor lines drawn on bone
+    cover: npt.NDArray[np.uint8] = field(init=False)
+    lucent: npt.NDArray[np.bool_] = field(init=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "bone", np.zeros((self.height, self.width), np.float32))
-        object.__setattr__(self, "soft", np.zeros((self.height, self.width), np.float32))
+        shape = (self.height, self.width)
+        object.__setattr__(self, "bone", np.zeros(shape, np.float32))
+        object.__setattr__(self, "soft", np.zeros(shape, np.float32))
+        object.__setattr__(self, "cover", np.zeros(shape, np.uint8))
+        object.__setattr__(self, "lucent", np.zeros(shape, np.bool_))
+
+    def anatomy(self) -> npt.NDArray[np.uint8]:
+        """Per pixel: 0 no bone, 1 one bone, 2 overlapping bones, 3 a distractor line.
+
+        The classes of :data:`ANATOMY_CLASSES`; a training-only target (what a network
+        must tell a fracture from: overlap edges, growth plates, nutrient canals).
+        """
+        classes = np.minimum(self.cover, 2)
+        classes[self.lucent & (self.cover > 0)] = 3
+        return classes
 
 
 def draw_bone(
@@ -153,8 +174,12 @@ def draw_bone(
         dens = _profile(bone, u, d, tex, fracture.buckle if fracture else None)
     else:
         dens = _fragments(bone, u, d, tex, fracture)
+    inside = dens > np.float32(BONE_PATH_PX)
+    canvas.cover[sl] = np.minimum(canvas.cover[sl] + inside, 2)
     for luc in lucencies:
-        dens *= 1 - luc.depth * _line_weight(u, d, luc.u0, luc.slope, luc.width_px, luc, bone)
+        lucency = luc.depth * _line_weight(u, d, luc.u0, luc.slope, luc.width_px, luc, bone)
+        canvas.lucent[sl] |= inside & (lucency > LUCENT_DEPTH)
+        dens *= 1 - lucency
     canvas.bone[sl] += dens * (bone.density / canvas.px_per_unit)
 
 

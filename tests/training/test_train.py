@@ -343,6 +343,31 @@ def test_demo_images_are_the_same_from_one_process_or_a_pool() -> None:
     assert np.array_equal(serial[1].masks, pooled[1].masks)
 
 
+def test_demo_keeps_the_anatomy_maps_of_training_images_only_when_asked() -> None:
+    from boneflow.training.demo import _make_split
+    from boneflow.training.train import ProgressBar
+
+    params = PreprocessParams(input_size=64)
+    off = DemoPlan(source_size=96)
+    on = replace(off, anatomy_weight=1.0)
+    split = {
+        (plan.anatomy_weight, name): _make_split(plan, name, 16, params, params, ProgressBar(None))[
+            1
+        ]
+        for plan in (off, on)
+        for name in ("train", "val")
+    }
+    kept = split[(1.0, "train")].anatomy
+    assert kept is not None and kept.shape == split[(1.0, "train")].images.shape
+    assert set(np.unique(kept).tolist()) >= {0, 1, 2}  # background, bone, overlaps
+    # where the map says bone, the (CLAHE'd) image is brighter than where it says none
+    images = split[(1.0, "train")].images
+    assert images[kept == 1].mean() > images[kept == 0].mean()
+    assert split[(0.0, "train")].anatomy is None  # off: 1 GB not held for nothing
+    assert split[(1.0, "val")].anatomy is None  # never for validation or test
+    assert np.array_equal(images, split[(0.0, "train")].images)  # the images do not change
+
+
 def test_train_demo_models_registers_a_router_and_a_fracture_model(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

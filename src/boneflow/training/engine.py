@@ -734,7 +734,32 @@ def _optimizer(
     return torch.optim.SGD(parameters, lr=config.learning_rate, momentum=0.9, weight_decay=1e-4)
 
 
-class _Localiser:
+class _LayerWatch:
+    """Keeps the output of one layer of the network (a forward hook) for a training-only loss."""
+
+    active = False
+    features: torch.Tensor | None = None
+
+    def _watch(self, network: nn.Module, name: str, data: ImageSet, device: torch.device) -> int:
+        """Hook ``name`` and run one blank image through: the layer's channel count."""
+        self._hook = dict(network.named_modules())[name].register_forward_hook(self._keep)
+        with torch.no_grad():
+            network.eval()
+            network(torch.zeros(1, 1, data.images.shape[1], data.images.shape[2], device=device))
+        if self.features is None:
+            raise RuntimeError(f"layer {name} produced no output")
+        return int(self.features.shape[1])
+
+    def close(self) -> None:
+        """Remove the hook from the network (the registered model carries no trace of it)."""
+        if self.active:
+            self._hook.remove()
+
+    def _keep(self, _module: nn.Module, _inputs: object, output: torch.Tensor) -> None:
+        self.features = output
+
+
+class _Localiser(_LayerWatch):
     """An auxiliary 1x1 convolution on the Grad-CAM layer that learns where the fracture is.
 
     Training only: it gives the network a dense signal (the drawn fracture line) on top of
@@ -752,24 +777,9 @@ class _Localiser:
             return
         # A network with its own evidence map is supervised on it directly (no extra head).
         own_map = evidence_layer(config.architecture)
-        name = own_map or gradcam_layer(config.architecture)
-        layer = dict(network.named_modules())[name]
-        self._hook = layer.register_forward_hook(self._keep)
-        with torch.no_grad():
-            network.eval()
-            network(torch.zeros(1, 1, data.images.shape[1], data.images.shape[2], device=device))
-        if self.features is None:
-            raise RuntimeError(f"{config.architecture}: layer {name} produced no output")
+        channels = self._watch(network, own_map or gradcam_layer(config.architecture), data, device)
         if own_map is None:
-            self.head = nn.Conv2d(int(self.features.shape[1]), 1, kernel_size=1).to(device)
-
-    def close(self) -> None:
-        """Remove the hook from the network (the registered model carries no trace of it)."""
-        if self.active:
-            self._hook.remove()
-
-    def _keep(self, _module: nn.Module, _inputs: object, output: torch.Tensor) -> None:
-        self.features = output
+            self.head = nn.Conv2d(channels, 1, kernel_size=1).to(device)
 
     def loss(self, mask: torch.Tensor) -> torch.Tensor:
         """Binary cross-entropy of the predicted fracture map against the (pooled) mask."""
@@ -782,7 +792,7 @@ class _Localiser:
         return F.binary_cross_entropy_with_logits(predicted, target, weight=weight)
 
 
-class _Anatomist:
+class _Anatomist(_LayerWatch):
     """An auxiliary 1x1 convolution on the Grad-CAM layer that learns the anatomy per cell.
 
     Training only, like :class:`_Localiser`: per cell, no bone / one bone / overlapping
@@ -804,23 +814,8 @@ class _Anatomist:
         self.weights = torch.tensor(self.CLASS_WEIGHTS, device=device)
         if not self.active:
             return
-        layer = dict(network.named_modules())[gradcam_layer(config.architecture)]
-        self._hook = layer.register_forward_hook(self._keep)
-        with torch.no_grad():
-            network.eval()
-            network(torch.zeros(1, 1, data.images.shape[1], data.images.shape[2], device=device))
-        if self.features is None:
-            raise RuntimeError(f"{config.architecture}: its Grad-CAM layer produced no output")
-        classes = len(self.CLASS_WEIGHTS)
-        self.head = nn.Conv2d(int(self.features.shape[1]), classes, kernel_size=1).to(device)
-
-    def close(self) -> None:
-        """Remove the hook from the network."""
-        if self.active:
-            self._hook.remove()
-
-    def _keep(self, _module: nn.Module, _inputs: object, output: torch.Tensor) -> None:
-        self.features = output
+        channels = self._watch(network, gradcam_layer(config.architecture), data, device)
+        self.head = nn.Conv2d(channels, len(self.CLASS_WEIGHTS), kernel_size=1).to(device)
 
     def loss(self, classes: torch.Tensor) -> torch.Tensor:
         """Cross-entropy of the predicted cell classes; a cell takes its highest class id."""

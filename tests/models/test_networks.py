@@ -46,6 +46,20 @@ def test_gradcam_layer_output_is_spatial() -> None:
     assert len(seen) == 1 and len(seen[0]) == 4 and seen[0][-1] > 1
 
 
+def test_resnet10_slim_is_resnet10_at_half_the_channels() -> None:
+    full, slim = build_network("resnet10", 8), build_network("resnet10-slim", 8)
+    assert [type(m) for m in slim.modules()] == [type(m) for m in full.modules()]
+    widths = {
+        name: (module.out_channels, dict(full.named_modules())[name].out_channels)
+        for name, module in slim.named_modules()
+        if isinstance(module, torch.nn.Conv2d)
+    }
+    assert widths and all(2 * mine == theirs for mine, theirs in widths.values())
+    assert widths["layer4.0.conv2"] == (256, 512)
+    # a quarter of the weights (each conv's in and out halved), the same head of 8 classes
+    assert 0.2 < count_parameters(slim) / count_parameters(full) < 0.3
+
+
 def test_unknown_architecture_names_the_known_ones() -> None:
     with pytest.raises(KeyError, match="resnet18"):
         build_network("vgg16", 2)

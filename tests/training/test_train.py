@@ -391,6 +391,7 @@ def test_train_demo_models_registers_a_router_and_a_fracture_model(
     settings = Settings(data_dir=tmp_path)
     router, fracture = train_demo_models(settings, progress=False, plan=plan)
     assert (router.task, router.labels) == ("router", BODY_PARTS)
+    assert router.architecture == plan.router_architecture == "resnet10-slim"
     assert fracture.task == "fracture" and "other" not in fracture.body_parts
     assert set(fracture.body_parts) == set(BODY_PARTS) - {"other"}
     assert fracture.training["localisation_weight"] == plan.localisation_weight == 3.0
@@ -418,6 +419,9 @@ def test_train_demo_models_registers_a_router_and_a_fracture_model(
     assert "Per fracture type" in card
     registry = Registry(settings.resolved_model_dir)
     assert registry.router().model_id == "router@1"
+    # the half-width router loads strictly from its safetensors, as the worker loads it
+    slim = registry.load("router").network
+    assert dict(slim.named_modules())["layer4.0.conv2"].out_channels == 256
     covering = registry.fracture_model_for("wrist")
     assert covering is not None and covering.model_id == fracture.model_id
     assert registry.fracture_model_for("other") is None

@@ -498,9 +498,11 @@ def test_the_fracture_model_gets_what_is_left_of_the_demo_budget() -> None:
     from boneflow.training.demo import fracture_minutes
 
     plan = DemoPlan()
-    # a fast machine: generation and router took 1.5 minutes, its scoring passes will take
-    # 1 minute: the full limit remains
-    assert fracture_minutes(plan, 1.5, 1.0) == plan.fracture_max_minutes
+    # a fast machine: generation and router took 1.2 minutes, its scoring passes will take
+    # half a minute: 8 minutes are left, the ceiling holds
+    assert fracture_minutes(plan, 1.2, 0.5) == plan.fracture_max_minutes == 7.5
+    # generation and router 1.5 minutes, passes 1 minute: 7.2 left, all of it
+    assert fracture_minutes(plan, 1.5, 1.0) == pytest.approx(7.2)
     # a slow one: 3.5 minutes gone and 1.6 for the passes: 10 - 3.5 - 1.6 - 0.3 = 4.6 left
     assert fracture_minutes(plan, 3.5, 1.6) == pytest.approx(4.6)
     # never below the minimum, however slow the start

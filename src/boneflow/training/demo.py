@@ -78,7 +78,7 @@ class DemoPlan:
     router_architecture: str = "resnet10-slim"
     fracture_architecture: str = "fracnet"
     router_epochs: int = 3
-    fracture_epochs: int = 100  # a maximum: 2 idle cores manage ~18 (AVX2) to ~61 (AMX)
+    fracture_epochs: int = 100  # a maximum: 2 idle cores manage ~12-21 (AVX2) to ~61 (AMX)
     fracture_crop: int = 128
     batch_size: int = 32
     learning_rate: float = 3e-3

@@ -9,7 +9,14 @@ from monai.visualize.class_activation_maps import GradCAM, ModelWithHooks
 
 from boneflow.findings import BoundingBox
 from boneflow.models.gradcam import FractureGradCAM, hotspot
-from boneflow.models.networks import build_network, gradcam_layer, set_mirror, set_tiles
+from boneflow.models.networks import (
+    build_network,
+    gradcam_layer,
+    rotate,
+    set_mirror,
+    set_rotation,
+    set_tiles,
+)
 
 
 class _LogOddsHooks(ModelWithHooks):  # type: ignore[misc]
@@ -84,6 +91,55 @@ def test_tiled_scoring_maps_cover_the_image_and_follow_it_when_mirrored() -> Non
     set_tiles(network, 0, 0)
     _, whole = cam(x)  # the whole image's map differs: the tiles limit each cell's context
     assert not torch.allclose(whole, maps, atol=1e-3)
+
+
+class _TurnedViews(torch.nn.Module):
+    """Scores three turned views by the mean brightness of its ``cells`` (the image itself),
+    so each view's Grad-CAM map is that view."""
+
+    rotation = 20.0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cells = torch.nn.Identity()
+        self.gain = torch.nn.Parameter(torch.ones(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        views = torch.cat([x, rotate(x, self.rotation), rotate(x, -self.rotation)])
+        z = (self.cells(views) * self.gain).mean((1, 2, 3)).view(3, -1).mean(0)
+        return torch.stack([torch.zeros_like(z), z], dim=1)
+
+
+def test_rotated_views_maps_are_turned_back_onto_the_image() -> None:
+    x = torch.zeros(1, 1, 64, 64)
+    x[..., 16:21, 42:47] = 1.0  # a bright spot off the centre
+    _, maps = FractureGradCAM(_TurnedViews(), "cells")(x)
+    assert maps.shape == (1, 64, 64)
+    heat = maps[0]
+    near = heat[12:25, 38:51].sum() / heat.sum()
+    # turned back, the three views' spots coincide (unturned they would lie 7 px apart)
+    assert float(near) > 0.9
+    peak = divmod(int(heat.argmax()), 64)
+    assert abs(peak[0] - 18) <= 2 and abs(peak[1] - 44) <= 2
+
+
+def test_rotated_and_mirrored_views_maps_follow_the_image_when_it_is_mirrored() -> None:
+    torch.manual_seed(5)
+    network = build_network("fracnet", 2).eval()
+    set_mirror(network, True)
+    set_rotation(network, 8.0)
+    cam = FractureGradCAM(network, gradcam_layer("fracnet"))
+    x = torch.rand(2, 1, 96, 96)
+    logits, maps = cam(x)
+    logits_flipped, maps_flipped = cam(x.flip(-1))
+    assert maps.shape == (2, 96, 96) and float(maps.max()) == pytest.approx(1.0)
+    with torch.inference_mode():
+        torch.testing.assert_close(logits, network(x), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits, logits_flipped, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(maps_flipped, maps.flip(-1), atol=1e-3, rtol=1e-3)
+    set_rotation(network, 0.0)
+    _, unturned = cam(x)
+    assert not torch.allclose(unturned, maps, atol=1e-3)
 
 
 def test_a_map_without_evidence_is_zero() -> None:

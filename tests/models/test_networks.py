@@ -8,11 +8,14 @@ import torch
 from boneflow.models.networks import (
     ARCHITECTURES,
     build_network,
+    check_rotation,
     count_parameters,
     evidence_layer,
     gradcam_layer,
+    rotate,
     scoring_batch,
     set_mirror,
+    set_rotation,
     set_tiles,
     single_pass,
     supports_mirror,
@@ -240,6 +243,74 @@ def test_a_scoring_pass_counts_the_pixels_of_mirror_images_and_tiles() -> None:
     set_tiles(network, 320, 64)
     assert scoring_batch(network, 32, 512, 512, cpu) == 2  # 2**21 // (2 * 409600)
     assert scoring_batch(network, 32, 512, 512, torch.device("meta")) == 32  # not a CPU
+
+
+def test_rotate_turns_about_the_centre_in_pixels_whatever_the_aspect() -> None:
+    x = torch.zeros(1, 1, 64, 96)
+    x[..., 31:33, 71:73] = 1.0  # 24 px right of the centre (31.5, 47.5)
+    for degrees, (row, col) in ((90.0, (7.5, 47.5)), (-90.0, (55.5, 47.5))):
+        turned = rotate(x, degrees)[0, 0]
+        rows, cols = torch.nonzero(turned > 0.25, as_tuple=True)
+        assert float(rows.float().mean()) == pytest.approx(row, abs=0.6), degrees
+        assert float(cols.float().mean()) == pytest.approx(col, abs=0.6), degrees
+    grid = torch.arange(96.0)
+    smooth = (torch.sin(grid / 6)[:, None] * torch.cos(grid / 7)[None, :]).expand(2, 1, 96, 96)
+    back = rotate(rotate(smooth, 12.0), -12.0)  # there and back: the middle is unchanged
+    torch.testing.assert_close(
+        back[..., 24:72, 24:72], smooth[..., 24:72, 24:72], atol=0.02, rtol=0
+    )
+    assert rotate(smooth, 0.0) is smooth
+
+
+def test_rotated_views_average_the_log_odds_of_the_image_turned_both_ways() -> None:
+    torch.manual_seed(8)
+    network = build_network("fracnet", 2).eval()
+    twin = build_network("fracnet", 2).eval()
+    twin.load_state_dict(network.state_dict())
+    x = torch.rand(2, 1, 96, 96)
+    for mirror in (False, True):
+        set_mirror(network, mirror)
+        set_mirror(twin, mirror)
+        set_rotation(network, 8.0)
+        with torch.inference_mode():
+            logits = network(x)
+            views = [twin(v)[:, 1] for v in (x, rotate(x, 8.0), rotate(x, -8.0))]
+        torch.testing.assert_close(logits[:, 1], torch.stack(views).mean(0), atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(logits[:, 1], views[0], atol=1e-4)
+    # the mirrored image's views are the image's views mirrored (+/- swapped): one score
+    with torch.inference_mode():
+        torch.testing.assert_close(network(x.flip(-1)), logits, atol=1e-5, rtol=1e-5)
+
+
+def test_training_and_scans_ignore_rotated_views_and_passes_count_them() -> None:
+    network = build_network("fracnet", 2)
+    set_rotation(network, 6.0)
+    seen: list[int] = []
+    network.stem.register_forward_hook(lambda _m, i, _o: seen.append(int(i[0].shape[0])))
+    network.train()
+    network(torch.rand(2, 1, 64, 64)).sum().backward()
+    network.eval()
+    with torch.inference_mode():
+        network(torch.rand(2, 1, 64, 64))
+        with single_pass(network):
+            network(torch.rand(2, 1, 64, 64))
+    assert seen == [2, 6, 2] and network.rotation == 6.0
+    cpu = torch.device("cpu")
+    plain = build_network("fracnet", 2)
+    # 2**21 pixels a pass: 8 images of 512 px scored once, 2 scored as three views
+    passes = [scoring_batch(net, 64, 512, 512, cpu) for net in (plain, network)]
+    assert passes == [8, 2]
+
+
+def test_rotated_views_are_small_turns_of_fracnet_only() -> None:
+    for bad in (-1.0, 46.0, float("nan")):
+        with pytest.raises(ValueError, match="rotation"):
+            check_rotation(bad)
+    check_rotation(0.0)
+    check_rotation(45.0)
+    with pytest.raises(ValueError, match="rotated views"):
+        set_rotation(build_network("resnet10", 2), 6.0)
+    set_rotation(build_network("resnet10", 2), 0.0)  # off is always fine
 
 
 def _recorded_evidence(network: torch.nn.Module) -> list[torch.Tensor]:

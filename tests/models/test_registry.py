@@ -205,6 +205,10 @@ def test_manifest_validation() -> None:
         _manifest(tile=320, tile_margin=64)
     with pytest.raises(ValueError, match="multiples of 8"):
         _manifest(architecture="fracnet", tile=300, tile_margin=64)
+    with pytest.raises(ValueError, match="resnet10 cannot score rotated views"):
+        _manifest(rotation=6.0)
+    with pytest.raises(ValueError, match="use 0 \\(off\\) to 45"):
+        _manifest(architecture="fracnet", rotation=60.0)
 
 
 def test_mirror_scoring_round_trips_and_older_manifests_score_single_images(
@@ -226,6 +230,26 @@ def test_mirror_scoring_round_trips_and_older_manifests_score_single_images(
     path.write_text(json.dumps(data))
     older = registry.load("fx")
     assert older.manifest.mirror is False and older.network.mirror is False
+
+
+def test_rotated_views_round_trip_and_older_manifests_score_one_view(tmp_path: Path) -> None:
+    registry = Registry(tmp_path)
+    torch.manual_seed(6)
+    registry.register(build_network("fracnet", 2), _manifest(architecture="fracnet", rotation=6))
+    loaded = registry.load("fx")
+    assert loaded.manifest.rotation == 6.0 and loaded.network.rotation == 6.0
+    rows: list[int] = []
+    loaded.network.stem.register_forward_hook(lambda _m, i, _o: rows.append(i[0].shape[0]))
+    with torch.inference_mode():
+        loaded.network(torch.rand(2, 1, 64, 64))
+    assert rows == [6]  # the images and each turned both ways, in one pass
+    path = tmp_path / "fx" / "1" / MANIFEST_FILE
+    data = json.loads(path.read_text())
+    assert data["rotation"] == 6.0
+    del data["rotation"]  # a manifest written before rotated views existed
+    path.write_text(json.dumps(data))
+    older = registry.load("fx")
+    assert older.manifest.rotation == 0.0 and older.network.rotation == 0.0
 
 
 def test_tiled_scoring_round_trips_and_older_manifests_score_whole_images(

@@ -12,14 +12,27 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from boneflow.models.transforms import PreprocessParams
-from boneflow.training.engine import FitConfig, ImageSet, _Cropper, build_image_set, fit, predict
+from boneflow.training.engine import (
+    CHECKPOINT,
+    EPOCH_LOG,
+    FitConfig,
+    ImageSet,
+    _Cropper,
+    _PartBalance,
+    build_image_set,
+    fit,
+    predict,
+)
 
 CPU = torch.device("cpu")
 SIZE = 96
 
 
-def _line_set(count: int, seed: int) -> ImageSet:
-    """Noisy images; every second one has a short dark line at a random place (its mask)."""
+def _line_set(count: int, seed: int, part: str = "wrist", line: float = 0.05) -> ImageSet:
+    """Noisy images; every second one has a short dark line at a random place (its mask).
+
+    ``line``: the line's grey value (0.05 plain on the 0.5 background, nearer 0.5 faint).
+    """
     rng = np.random.default_rng(seed)
     images, labels, segments = [], [], []
     for i in range(count):
@@ -27,13 +40,13 @@ def _line_set(count: int, seed: int) -> ImageSet:
         segment = None
         if i % 2 == 0:
             row, col = (int(v) for v in rng.integers(10, SIZE - 30, size=2))
-            image[row : row + 2, col : col + 18] = 0.05
+            image[row : row + 2, col : col + 18] = line
             segment = (col + 0.5, row + 0.5, col + 17.5, row + 0.5)
         images.append(np.clip(image, 0, 1))
         labels.append(int(segment is not None))
         segments.append(segment)
     return build_image_set(
-        images, labels, PreprocessParams(input_size=SIZE), ["wrist"] * count, segments=segments
+        images, labels, PreprocessParams(input_size=SIZE), [part] * count, segments=segments
     )
 
 
@@ -297,7 +310,6 @@ def test_anatomy_lands_on_the_input_grid_and_in_every_crop() -> None:
 
 def test_the_anatomy_head_learns_and_stays_out_of_the_network(tmp_path: Path) -> None:
     from boneflow.models.networks import build_network
-    from boneflow.training.engine import CHECKPOINT
 
     train, _ = _anatomy_set(64, seed=6)
     val = _line_set(16, seed=7)
@@ -322,3 +334,71 @@ def test_the_anatomy_head_learns_and_stays_out_of_the_network(tmp_path: Path) ->
     )[:, 0].numpy()
     for label in (0, 1, 2):
         assert (predicted[target == label] == label).mean() > 0.7, label
+
+
+def _joined(*sets: ImageSet) -> ImageSet:
+    masks = [s.masks for s in sets if s.masks is not None]
+    return ImageSet(
+        np.concatenate([s.images for s in sets]),
+        np.concatenate([s.labels for s in sets]),
+        tuple(p for s in sets for p in s.body_parts),
+        tuple(d for s in sets for d in s.difficulties),
+        np.concatenate(masks),
+    )
+
+
+def test_part_balance_draws_parts_by_their_loss_of_the_epoch_before() -> None:
+    parts = ["hand"] * 40 + ["humerus"] * 60
+    balance = _PartBalance(parts, share=0.5)
+    generator = torch.Generator().manual_seed(0)
+    drawn = np.concatenate([balance.draw(generator) for _ in range(50)])
+    assert abs((drawn < 40).mean() - 0.4) < 0.02  # no losses yet: as many as there are
+    balance.record(["hand"] * 4 + ["humerus"] * 6, torch.tensor([3.0] * 4 + [1.0] * 6))
+    balance.update()
+    # mean loss 1.8: weights 0.5 + 0.5 * 3 / 1.8 and 0.5 + 0.5 * 1 / 1.8
+    assert balance.state_dict() == pytest.approx({"hand": 4 / 3, "humerus": 7 / 9})
+    drawn = np.concatenate([balance.draw(generator) for _ in range(50)])
+    expected = 40 * 4 / 3 / (40 * 4 / 3 + 60 * 7 / 9)  # 0.533
+    assert abs((drawn < 40).mean() - expected) < 0.02
+    chance = balance.probabilities()
+    assert chance is not None and chance.sum() == pytest.approx(1.0)
+    assert chance[0] / chance[-1] == pytest.approx((4 / 3) / (7 / 9))
+    # an epoch without losses keeps the weights; state round-trips
+    balance.update()
+    again = _PartBalance(parts, share=0.5)
+    again.load_state_dict(balance.state_dict())
+    assert again.state_dict() == balance.state_dict()
+    # off: share 0 or a single part
+    assert not _PartBalance(parts, share=0.0).active
+    assert _PartBalance(["hand"] * 10, share=0.5).probabilities() is None
+
+
+def test_crops_keep_the_body_part_of_the_image_they_come_from() -> None:
+    data = _joined(_line_set(20, seed=10, part="hand"), _line_set(20, seed=11, part="humerus"))
+    cropper = _Cropper.create(data, CONFIG)
+    assert cropper is not None
+    cropper.hard = [(30, 48, 48)] * 10  # a mined false alarm on a humerus image
+    cropper.hard_share = 1.0
+    normal_hands = np.arange(1, 20, 2)  # every crop of theirs comes from the pool
+    assert set(cropper.crops(normal_hands).body_parts) == {"humerus"}
+    cropper.hard_share = 0.0
+    assert set(cropper.crops(normal_hands).body_parts) == {"hand"}
+
+
+def test_training_gives_the_part_with_faint_lines_more_of_its_draws(tmp_path: Path) -> None:
+    train = _joined(
+        _line_set(48, seed=12, part="hand", line=0.36),  # faint: hard to learn
+        _line_set(48, seed=13, part="humerus"),  # plain
+    )
+    val = _line_set(16, seed=14)
+    config = replace(CONFIG, part_balance=0.5, epochs=5)
+    result = fit(config, train, val, tmp_path, CPU)
+    last = result.history[-2]  # the weights the last epoch drew with
+    assert last["weight_hand"] > 1.0 > last["weight_humerus"]
+    lines = (tmp_path / EPOCH_LOG).read_text().splitlines()
+    assert len(lines) == 5 and '"weight_hand"' in lines[0]
+    state = torch.load(tmp_path / CHECKPOINT, weights_only=True)
+    assert state["part_weights"]["hand"] == pytest.approx(result.history[-1]["weight_hand"], 1e-3)
+    # without part_balance an epoch is a permutation, and nothing is logged
+    plain = fit(replace(CONFIG, epochs=1), train, val, tmp_path / "plain", CPU)
+    assert not any(k.startswith("weight_") for k in plain.history[0])

@@ -11,9 +11,11 @@ normaliser flips min and max, which is not what an overlay wants).
 A network that scores mirror images too (``FractureNet.mirror``) runs the Grad-CAM layer
 on 2B rows, the B images and then their mirror images; the map of each mirror image is
 flipped back and averaged with the image's own before scaling, so the heat shows what
-the averaged evidence map the score came from shows. A network that scores in tiles
-(``FractureNet.tile``) hands Grad-CAM its stitched feature map (the ``cells`` layer), one
-row per image, so the map covers the image as the score does.
+the averaged evidence map the score came from shows. One that scores rotated views too
+(``FractureNet.rotation``) runs it on three times as many rows: each turned view's map is
+turned back onto the image and the three are averaged, as their logits are. A network
+that scores in tiles (``FractureNet.tile``) hands Grad-CAM its stitched feature map (the
+``cells`` layer), one row per image, so the map covers the image as the score does.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from monai.visualize.class_activation_maps import GradCAM, ModelWithHooks
 from torch import nn
 
 from boneflow.findings import BoundingBox
+from boneflow.models.networks import rotate
 
 FloatArray = npt.NDArray[np.float32]
 
@@ -43,6 +46,7 @@ class FractureGradCAM:
     def __init__(self, network: nn.Module, layer: str, class_index: int = 1) -> None:
         network.eval()
         network.requires_grad_(False)
+        self.network = network
         self.class_index = class_index
         self._hooks = _HeadOnlyHooks(network, layer)
         self._cam = GradCAM(nn_module=self._hooks, target_layers=layer, postprocessing=_as_is)
@@ -54,8 +58,16 @@ class FractureGradCAM:
         logits = self._hooks.last_logits
         assert logits is not None  # set by the pass above
         images = logits.shape[0]
-        if maps.shape[0] == 2 * images:  # mirror scoring: images, then their mirror images
-            maps = (maps[:images] + maps[images:].flip(-1)) / 2
+        rotation = float(getattr(self.network, "rotation", 0.0) or 0.0)
+        views = 3 if rotation else 1
+        if maps.shape[0] == 2 * views * images:  # mirror scoring: the rows, then their mirrors
+            half = maps.shape[0] // 2
+            maps = (maps[:half] + maps[half:].flip(-1)) / 2
+        if views > 1:  # the image, turned by +rotation, by -rotation: turn them back
+            turned = maps.view(views, images, 1, *maps.shape[-2:])
+            maps = (turned[0] + rotate(turned[1], -rotation) + rotate(turned[2], rotation))[
+                :, 0
+            ] / 3
         return logits.detach(), _to_unit_max(maps)
 
 

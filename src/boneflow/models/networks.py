@@ -7,6 +7,7 @@ architecture is named here and only here.
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from monai.networks import nets
 from torch import nn
+from torch.nn import functional as F
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +103,14 @@ class FractureNet(nn.Module):
     flips). Layers that see the batch (hooks on ``cells`` or ``evidence``) then see
     2B rows: the image's B first, then their mirror images.
 
+    ``rotation`` (rotated views, degrees, off by default; the registry sets it from the
+    manifest): in eval mode the network also scores the image turned by +``rotation`` and
+    -``rotation`` degrees about its centre (as training's augmentation turns it) and
+    averages the three logits: one view's chance peak on a structure that looks broken
+    from one angle is outvoted by the other two. Layers that see the batch then see 3B
+    rows (the B images, then turned one way, then the other; each run mirrored as above
+    when ``mirror`` is on). Training ignores it.
+
     ``tile`` and ``tile_margin`` (tiled scoring, off by default; the registry sets them
     from the manifest): in eval mode an image larger than ``tile`` px is scored in
     overlapping tiles of that size (:func:`tile_spans`) and each cell of the evidence map
@@ -119,12 +129,14 @@ class FractureNet(nn.Module):
         mirror: bool = False,
         tile: int = 0,
         tile_margin: int = 0,
+        rotation: float = 0.0,
     ) -> None:
         super().__init__()
         if num_classes != 2:
             raise ValueError("FractureNet is a binary detector (num_classes must be 2)")
         self.sharpness = sharpness
         self.mirror = mirror
+        self.set_rotation(rotation)  # sets rotation
         self.set_tiles(tile, tile_margin)  # sets tile and tile_margin
         self.stem = nn.Sequential(_down(1, width // 2), _down(width // 2, width))
         self.stage2 = nn.Sequential(_Residual(width), _down(width, 2 * width))
@@ -147,7 +159,24 @@ class FractureNet(nn.Module):
         check_tiles(tile, margin)
         self.tile, self.tile_margin = tile, margin
 
+    def set_rotation(self, degrees: float) -> None:
+        """Also score each image turned by +/- ``degrees`` (0: off).
+
+        Raises:
+            ValueError: a turn outside 0-45 degrees.
+        """
+        check_rotation(degrees)
+        self.rotation = float(degrees)
+
+    @property
+    def views(self) -> int:
+        """Images each image is scored as in eval mode, before mirroring (1 or 3)."""
+        return 3 if self.rotation and not self.training else 1
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        views = self.views
+        if views > 1:
+            x = torch.cat([x, rotate(x, self.rotation), rotate(x, -self.rotation)])
         both = self.mirror and not self.training
         if both:
             x = torch.cat([x, x.flip(-1)])
@@ -162,6 +191,8 @@ class FractureNet(nn.Module):
         flat = evidence.flatten(1) * self.sharpness
         cells = torch.log(torch.tensor(float(flat.shape[1]), device=x.device))
         z = (torch.logsumexp(flat, dim=1) - cells) / self.sharpness
+        if views > 1:  # the mean log-odds of the image's views
+            z = z.view(views, -1).mean(0)
         return torch.stack([torch.zeros_like(z), z], dim=1)
 
     def _cell_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -199,6 +230,37 @@ class FractureNet(nn.Module):
 
 
 CELL = 8  # pixels per cell of FractureNet's evidence map (three stride-2 stages)
+MAX_ROTATION = 45.0  # degrees: rotated views beyond this are other projections, not views
+
+
+def check_rotation(degrees: float) -> None:
+    """Refuse a rotated view that is not a small turn (0 is off)."""
+    if not (math.isfinite(degrees) and 0.0 <= degrees <= MAX_ROTATION):
+        raise ValueError(f"rotation {degrees} degrees: use 0 (off) to {MAX_ROTATION:g}")
+
+
+def rotate(images: torch.Tensor, degrees: float) -> torch.Tensor:
+    """``images`` (B, C, H, W) turned by ``degrees`` (counter-clockwise on screen) about
+    their centre, bilinear, zero outside - as training's augmentation turns them."""
+    if not degrees:
+        return images
+    height, width = int(images.shape[-2]), int(images.shape[-1])
+    angle = math.radians(degrees)
+    cos, sin = math.cos(angle), math.sin(angle)
+    # affine_grid works in coordinates normalised per axis: correct the aspect ratio
+    theta = torch.tensor(
+        [[cos, -sin * height / width, 0.0], [sin * width / height, cos, 0.0]],
+        dtype=torch.float32,
+        device=images.device,
+    )
+    grid = F.affine_grid(
+        theta.expand(images.shape[0], 2, 3), list(images.shape), align_corners=False
+    )
+    source = images if images.dtype in (torch.float32, torch.float64) else images.float()
+    out = F.grid_sample(
+        source, grid.to(source.dtype), mode="bilinear", padding_mode="zeros", align_corners=False
+    )
+    return out.to(images.dtype)
 
 
 def check_tiles(tile: int, margin: int) -> None:
@@ -306,6 +368,18 @@ def set_mirror(network: nn.Module, on: bool) -> None:
         raise ValueError(f"{type(network).__name__} has no mirror scoring (only fracnet)")
 
 
+def set_rotation(network: nn.Module, degrees: float) -> None:
+    """Switch rotated views (:class:`FractureNet`) on (``degrees`` > 0) or off.
+
+    Raises:
+        ValueError: rotated views for a network that cannot score them, or a large turn.
+    """
+    if isinstance(network, FractureNet):
+        network.set_rotation(degrees)
+    elif degrees:
+        raise ValueError(f"{type(network).__name__} has no rotated views (only fracnet)")
+
+
 def set_tiles(network: nn.Module, tile: int, margin: int) -> None:
     """Switch tiled scoring (:class:`FractureNet`) on (``tile`` > 0) or off.
 
@@ -320,18 +394,21 @@ def set_tiles(network: nn.Module, tile: int, margin: int) -> None:
 
 @contextmanager
 def single_pass(network: nn.Module) -> Iterator[None]:
-    """Score each whole image once for a while: no mirror image, no tiles (a fast scan)."""
+    """Score each whole image once for a while: no mirror image, no rotated views, no tiles
+    (a fast scan)."""
     if not isinstance(network, FractureNet):
         yield
         return
-    before = network.mirror, network.tile, network.tile_margin
+    before = network.mirror, network.tile, network.tile_margin, network.rotation
     network.mirror = False
     network.set_tiles(0, 0)
+    network.set_rotation(0.0)
     try:
         yield
     finally:
         network.mirror = before[0]
         network.set_tiles(before[1], before[2])
+        network.set_rotation(before[3])
 
 
 CPU_PASS_PIXELS = 2**21  # ~8 images of 512 px per whole-image pass on a CPU (see below)
@@ -346,7 +423,8 @@ def scoring_batch(
     EPYC took ~26 ms per image in passes of up to 6 images and 31-35 ms at 8-16; scored
     with their mirror images 49-55 ms up to 4 images and 65-101 ms at 8-24 (2026-12-07,
     48 images per size; docs/models.md, "Round 12"). An image scored with its mirror
-    image is two rows; an image scored in tiles counts the pixels of its tiles.
+    image is two rows, with rotated views three times as many; an image scored in tiles
+    counts the pixels of its tiles.
     """
     if device.type != "cpu":
         return max(1, batch_size)
@@ -354,6 +432,8 @@ def scoring_batch(
     if isinstance(network, FractureNet):
         if network.mirror:
             pixels *= 2
+        if network.rotation:
+            pixels *= 3
         if network.tile:
             pixels = pixels * tiled_pixels(height, width, network.tile, network.tile_margin)
             pixels //= height * width
@@ -379,11 +459,14 @@ __all__ = [
     "Architecture",
     "FractureNet",
     "build_network",
+    "check_rotation",
     "count_parameters",
     "evidence_layer",
     "gradcam_layer",
+    "rotate",
     "scoring_batch",
     "set_mirror",
+    "set_rotation",
     "set_tiles",
     "single_pass",
     "supports_mirror",

@@ -35,8 +35,10 @@ from boneflow.errors import ModelIntegrityError, ModelNotFound
 from boneflow.fsio import fsync_path
 from boneflow.models.networks import (
     build_network,
+    check_rotation,
     check_tiles,
     set_mirror,
+    set_rotation,
     set_tiles,
     supports_mirror,
     supports_tiles,
@@ -79,6 +81,9 @@ class ModelManifest:
     2026-12-07; default 0, the whole image at once): the network scores each image in
     tiles of ``tile`` px, each evidence cell taken from a tile that extends about
     ``tile_margin`` px beyond it (``networks.FractureNet``); measured that way too.
+    ``rotation`` (degrees; fracture models of an architecture that can, since 2026-12-08;
+    default 0, off): the network also scores each image turned by +/- ``rotation`` degrees
+    and averages the three log-odds (``networks.FractureNet``); measured that way too.
     """
 
     name: str
@@ -99,6 +104,7 @@ class ModelManifest:
     mirror: bool = False
     tile: int = 0
     tile_margin: int = 0
+    rotation: float = 0.0
     weights_file: str = WEIGHTS_FILE
     weights_sha256: str = ""
 
@@ -123,6 +129,11 @@ class ModelManifest:
         if self.tile and not (self.task == "fracture" and supports_tiles(self.architecture)):
             raise ValueError(f"{self.architecture} cannot score in tiles (tile: {self.tile})")
         check_tiles(self.tile, self.tile_margin)
+        if self.rotation and not (self.task == "fracture" and supports_mirror(self.architecture)):
+            raise ValueError(
+                f"{self.architecture} cannot score rotated views (rotation: {self.rotation})"
+            )
+        check_rotation(self.rotation)
         for part, scaling in self.calibration_by_part.items():
             if part not in self.body_parts:
                 raise ValueError(f"calibration_by_part: {part!r} is not one of body_parts")
@@ -167,6 +178,7 @@ class ModelManifest:
         values["mirror"] = values.get("mirror", False) is True
         values["tile"] = int(values.get("tile", 0))
         values["tile_margin"] = int(values.get("tile_margin", 0))
+        values["rotation"] = float(values.get("rotation", 0.0))
         scaling = dict(values.get("calibration") or {})
         values["calibration"] = {k: float(v) for k, v in scaling.items()}
         by_part = dict(values.get("calibration_by_part") or {})
@@ -334,6 +346,7 @@ class Registry:
             raise ModelIntegrityError(f"{manifest.model_id}: weights do not fit: {exc}") from exc
         set_mirror(network, manifest.mirror)
         set_tiles(network, manifest.tile, manifest.tile_margin)
+        set_rotation(network, manifest.rotation)
         network.eval()
         return LoadedModel(network=network, manifest=manifest)
 

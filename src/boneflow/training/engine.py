@@ -32,6 +32,7 @@ from boneflow.models.networks import (
     gradcam_layer,
     scoring_batch,
     set_mirror,
+    set_rotation,
     set_tiles,
     single_pass,
 )
@@ -87,12 +88,18 @@ class FitConfig:
     anatomy_weight: float = 0.0
     crop_size: int = 0  # > 0: train on crops (needs masks, a fully-convolutional network)
     hard_negatives: float = 0.3  # crops: share of the non-line crops on mined false alarms
+    # > 0: each epoch draws its training images by body part, this share of the draws in
+    # proportion to each part's mean training loss of the epoch before (_PartBalance)
+    part_balance: float = 0.0
     # validate (and register) scoring each image with its mirror image (fracnet only)
     mirror: bool = False
     # > 0: validate (and register) scoring whole images in tiles of this many px, each
     # cell keeping tile_margin px of context (fracnet only; networks.FractureNet)
     tile: int = 0
     tile_margin: int = 0
+    # > 0: validate (and register) scoring each image also turned by +/- this many degrees,
+    # averaging the three log-odds (fracnet only; networks.FractureNet)
+    rotation: float = 0.0
     # float16 autocast on CUDA, bfloat16 on a CPU with native bf16 (AVX-512 BF16 or AMX);
     # weights, optimiser and loss stay float32. Elsewhere it has no effect.
     mixed_precision: bool = True
@@ -197,6 +204,7 @@ def fit(
     network = build_network(config.architecture, config.num_classes).to(device)
     set_mirror(network, config.mirror)  # eval mode only: validation, not training
     set_tiles(network, config.tile, config.tile_margin)  # the same
+    set_rotation(network, config.rotation)  # the same
     cuda = device.type == "cuda"
     amp = mixed_precision_dtype(device, config.mixed_precision)
     if channels_last(device, amp):  # the layout the fast kernels want
@@ -204,6 +212,7 @@ def fit(
     localiser = _Localiser(network, config, train, device)
     anatomist = _Anatomist(network, config, train, device)
     cropper = _Cropper.create(train, config)
+    balance = _PartBalance(train.body_parts, config.part_balance)
     optimizer = _optimizer(config, network, localiser.head, anatomist.head)
     scheduler = _scheduler(config, optimizer, len(train))
     scaler = torch.amp.GradScaler("cuda", enabled=cuda and amp is torch.float16)
@@ -226,6 +235,8 @@ def fit(
             localiser.head.load_state_dict(state["localiser"])
         if anatomist.head is not None and "anatomist" in state:
             anatomist.head.load_state_dict(state["anatomist"])
+        if "part_weights" in state:
+            balance.load_state_dict(state["part_weights"])
         history = [dict(h) for h in state["history"]]
         best_score, best_epoch = float(state["best_score"]), int(state["best_epoch"])
         bad_epochs, start_epoch = int(state["bad_epochs"]), int(state["epoch"])
@@ -251,7 +262,9 @@ def fit(
             cropper,
             amp,
             anatomist,
+            balance,
         )
+        balance.update()
         out_of_time = (
             isinstance(scheduler, _TimedOneCycle)
             and scheduler.ends_before(time.monotonic() - epoch_started)
@@ -260,12 +273,14 @@ def fit(
         )
         last = out_of_time or epoch + 1 == config.epochs
         if cropper is not None and not last:  # the next epoch's hard negatives
-            cropper.mine(network, localiser, device, amp)
+            cropper.mine(network, localiser, device, amp, balance.probabilities())
         line = {
             "epoch": float(epoch + 1),
             "train_loss": train_loss,
             "learning_rate": float(optimizer.param_groups[0]["lr"]),
         }
+        if balance.active:  # the next epoch's draw
+            line.update({f"weight_{k}": round(v, 3) for k, v in balance.state_dict().items()})
         if last or _progress(scheduler, epoch, config) >= config.validate_from:
             recalibrate_batchnorm(
                 network, train if cropper is None else cropper.sample(), device, config.batch_size
@@ -309,6 +324,7 @@ def fit(
                 "epoch": epoch + 1,
                 **({"localiser": localiser.head.state_dict()} if localiser.head else {}),
                 **({"anatomist": anatomist.head.state_dict()} if anatomist.head else {}),
+                "part_weights": balance.state_dict(),
             },
             checkpoint_path,
         )
@@ -362,12 +378,14 @@ def scoring_seconds(
     """Seconds per image that :func:`predict` takes here for a network trained with ``config``.
 
     Timed on (up to) ``sample`` of ``images`` after two warm-up passes, with an untrained
-    network of the same architecture, layout, mirror and tiled scoring (the weights do not change
-    the cost; real images do: an all-zero batch runs 2-3x slower on some CPUs).
+    network of the same architecture, layout, mirror, rotated views and tiled scoring (the
+    weights do not change the cost; real images do: an all-zero batch runs 2-3x slower on
+    some CPUs).
     """
     network = build_network(config.architecture, config.num_classes).to(device)
     set_mirror(network, config.mirror)
     set_tiles(network, config.tile, config.tile_margin)
+    set_rotation(network, config.rotation)
     if channels_last(device, mixed_precision_dtype(device, config.mixed_precision)):
         network = network.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     count = max(1, min(sample, len(images)))
@@ -550,10 +568,14 @@ def _train_epoch(
     cropper: _Cropper | None = None,
     amp: torch.dtype | None = None,
     anatomist: _Anatomist | None = None,
+    balance: _PartBalance | None = None,
 ) -> float:
     network.train()
     last = channels_last(device, amp)
-    order = torch.randperm(len(data), generator=generator).numpy()
+    if balance is not None and balance.active:
+        order = balance.draw(generator)
+    else:
+        order = torch.randperm(len(data), generator=generator).numpy()
     total, seen = 0.0, 0
     for start in range(0, len(order), config.batch_size):
         index = np.sort(order[start : start + config.batch_size])
@@ -573,6 +595,10 @@ def _train_epoch(
         target = torch.from_numpy(chunk.labels[rows]).to(device)
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
             logits = network(batch).float()
+        if balance is not None and balance.active:
+            balance.record(
+                chunk.body_parts, F.cross_entropy(logits.detach(), target, reduction="none")
+            )
         if config.loss == "focal":
             loss = focal_loss(logits, target, weights)
         else:
@@ -826,6 +852,75 @@ class _Anatomist(_LayerWatch):
         return F.cross_entropy(predicted, target, weight=self.weights)
 
 
+class _PartBalance:
+    """Draws each epoch's training images by body part: more of the parts found hard.
+
+    With ``share`` 0 (or one part) it is off and every epoch is a permutation of the
+    training images. Otherwise an epoch draws as many images, with replacement: a part's
+    chance is its number of images times its weight, and the weight is
+    ``1 - share + share * (the part's mean loss / the mean loss)`` over the epoch before
+    (1 for every part in the first epoch). A network that has learned the long bones and
+    not yet the hand then gives the hand more of its steps; ``1 - share`` keeps every part
+    in every epoch.
+    """
+
+    def __init__(self, parts: Sequence[str], share: float) -> None:
+        self.share = share
+        self.names = sorted(set(parts))
+        self._code = {name: k for k, name in enumerate(self.names)}
+        self.codes = np.array([self._code[p] for p in parts], dtype=np.int64)
+        self.weights = np.ones(len(self.names))
+        self._sums = np.zeros(len(self.names))
+        self._counts = np.zeros(len(self.names))
+
+    @property
+    def active(self) -> bool:
+        """Whether epochs are drawn by part."""
+        return self.share > 0 and len(self.names) > 1
+
+    def probabilities(self) -> npt.NDArray[np.float64] | None:
+        """Each training image's chance to be drawn (None when off: uniform)."""
+        if not self.active:
+            return None
+        chance = self.weights[self.codes]
+        out: npt.NDArray[np.float64] = chance / chance.sum()
+        return out
+
+    def draw(self, generator: torch.Generator) -> npt.NDArray[np.int64]:
+        """One epoch's image indices (as many as there are training images)."""
+        chance = torch.from_numpy(self.weights[self.codes])
+        drawn = torch.multinomial(chance, len(self.codes), replacement=True, generator=generator)
+        out: npt.NDArray[np.int64] = drawn.numpy()
+        return out
+
+    def record(self, parts: Sequence[str], losses: torch.Tensor) -> None:
+        """The training losses of one batch, by the body part of each sample."""
+        codes = [self._code.get(p, -1) for p in parts]
+        for code, loss in zip(codes, losses.float().tolist(), strict=True):
+            if code >= 0:
+                self._sums[code] += loss
+                self._counts[code] += 1
+
+    def update(self) -> None:
+        """After an epoch: the next epoch's weights from this one's losses."""
+        if not self.active or not self._counts.sum():
+            return
+        seen = self._counts > 0
+        mean = self._sums.sum() / self._counts.sum()
+        relative = np.ones(len(self.names))
+        relative[seen] = self._sums[seen] / self._counts[seen] / max(mean, 1e-12)
+        self.weights = 1.0 - self.share + self.share * relative
+        self._sums[:], self._counts[:] = 0.0, 0.0
+
+    def state_dict(self) -> dict[str, float]:
+        """The current weight of each part."""
+        return dict(zip(self.names, self.weights.tolist(), strict=True))
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        """Continue with the weights of :meth:`state_dict`."""
+        self.weights = np.array([float(state.get(name, 1.0)) for name in self.names])
+
+
 class _Cropper:
     """Training on crops: fracture lines at full detail, a whole image at validation.
 
@@ -885,16 +980,20 @@ class _Cropper:
         labels = np.empty(len(index), dtype=np.int64)
         anatomy = self.data.anatomy
         classes = np.empty_like(masks) if anatomy is not None else None
+        parts: list[str] = []
         for row, i in enumerate(index):
             i, y, x = self._centre(int(i))
+            parts.append(self.data.body_parts[i])
             y0, x0 = self._corner(y, x)
             images[row] = self.data.images[i, y0 : y0 + size, x0 : x0 + size]
             masks[row] = self.masks[i, y0 : y0 + size, x0 : x0 + size]
             labels[row] = int(np.count_nonzero(masks[row]) >= self.MIN_LINE_PIXELS)
             if classes is not None and anatomy is not None:
                 classes[row] = anatomy[i, y0 : y0 + size, x0 : x0 + size]
-        parts, tiers = ("crop",) * len(index), ("none",) * len(index)
-        return ImageSet(images, labels, parts, tiers, masks, anatomy=classes)
+        # each crop keeps the body part of the image it was cut from (hard negatives too)
+        return ImageSet(
+            images, labels, tuple(parts), ("none",) * len(index), masks, anatomy=classes
+        )
 
     def sample(self, count: int = 512) -> ImageSet:
         """Crops of random training images (batch-norm statistics at the training scale)."""
@@ -906,15 +1005,22 @@ class _Cropper:
         localiser: _Localiser,
         device: torch.device,
         amp: torch.dtype | None = None,
+        weights: npt.NDArray[np.float64] | None = None,
     ) -> None:
         """Remember where the network's evidence peaks away from any fracture line.
 
         ``amp``: training's autocast type (bfloat16 halves the scan on a CPU that has it).
+        ``weights``: each training image's chance to be scanned (uniform without).
         """
         if localiser.head is not None or not localiser.active:
             return  # only a network with its own evidence map says where it looks
         network.eval()
-        index = self.rng.choice(len(self.data), min(self.MINE_IMAGES, len(self.data)), False)
+        count = min(
+            self.MINE_IMAGES,
+            len(self.data),
+            int(np.count_nonzero(weights)) if weights is not None else len(self.data),
+        )
+        index = self.rng.choice(len(self.data), count, False, p=weights)
         guard = self.size // 4
         with torch.inference_mode(), single_pass(network):
             step = scoring_batch(network, 16, *_size(self.data), device)

@@ -37,6 +37,7 @@ class TrainOptions:
     mirror: bool = False  # fracture model scores each image with its mirror image (fracnet)
     tile: int = 0  # > 0: fracture model scores images in tiles of this many px (fracnet)
     tile_margin: int = 64  # context each scored cell keeps inside its tile, px
+    rotation: float = 0.0  # > 0: fracture model also scores each image turned by +/- this (deg)
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,6 +22,7 @@ import numpy.typing as npt
 from boneflow.config import Settings
 from boneflow.findings import BODY_PARTS
 from boneflow.models.networks import (
+    check_rotation,
     check_tiles,
     evidence_layer,
     supports_mirror,
@@ -157,7 +158,8 @@ def fit_config(
     Raises:
         DatasetError: crops asked for without fracture locations or with a network that
             cannot score a whole image after training on crops; mirror or tiled scoring
-            asked for with a network that cannot do it, or tiles off FractureNet's grid.
+            asked for with a network that cannot do it, or tiles off FractureNet's grid;
+            rotated views with a network that cannot score them, or a turn over 45 degrees.
     """
     architecture = options.architecture or DEFAULT_ARCHITECTURE[task]
     crop_size = options.crop_size if task == "fracture" else 0
@@ -183,6 +185,15 @@ def fit_config(
         check_tiles(tile, margin)
     except ValueError as exc:
         raise DatasetError(f"--tile {tile} --tile-margin {margin}: {exc}") from None
+    rotation = options.rotation if task == "fracture" else 0.0
+    if rotation and not supports_mirror(architecture):
+        raise DatasetError(
+            f"--rotation needs a network that can score rotated views (fracnet), not {architecture}"
+        )
+    try:
+        check_rotation(rotation)
+    except ValueError as exc:
+        raise DatasetError(f"--rotation {rotation}: {exc}") from None
     weight = options.localisation_weight
     if weight is None:
         weight = 1.0 if located else 0.0
@@ -202,6 +213,7 @@ def fit_config(
         mirror=mirror,
         tile=tile,
         tile_margin=margin,
+        rotation=rotation,
     )
 
 
@@ -337,6 +349,7 @@ def train_and_register(
         mirror=config.mirror,
         tile=config.tile,
         tile_margin=config.tile_margin,
+        rotation=config.rotation,
         metrics={**summary(evaluation), "test_n": len(data.test)},
         data_fingerprint=fingerprint,
         training=training,

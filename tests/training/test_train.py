@@ -402,6 +402,9 @@ def test_train_demo_models_registers_a_router_and_a_fracture_model(
     assert fracture.training["validate_from"] == plan.fracture_validate_from
     assert fracture.training["max_minutes"] == plan.fracture_max_minutes  # fast: full limit
     assert fracture.training["hard_negatives"] == plan.fracture_hard_negatives == 0.5
+    # rotated views: this machine affords their passes here (tiny images), so they are on,
+    # measured with them and registered with them
+    assert fracture.rotation == fracture.training["rotation"] == plan.fracture_rotation == 6.0
     # P(fracture) is calibrated on validation; the router reports its softmax as it is
     assert set(fracture.calibration) == {"scale", "offset"} and fracture.calibration["scale"] > 0
     assert router.calibration == {}
@@ -422,6 +425,7 @@ def test_train_demo_models_registers_a_router_and_a_fracture_model(
     # the half-width router loads strictly from its safetensors, as the worker loads it
     slim = registry.load("router").network
     assert dict(slim.named_modules())["layer4.0.conv2"].out_channels == 256
+    assert registry.load(fracture.name).network.rotation == 6.0
     covering = registry.fracture_model_for("wrist")
     assert covering is not None and covering.model_id == fracture.model_id
     assert registry.fracture_model_for("other") is None
@@ -473,12 +477,14 @@ def test_cli_trains_fracnet_on_crops_of_synth_data(tmp_path: Path) -> None:
     args = ["train", *common, "--task", "fracture", "--image-size", "96", "--epochs", "2",
             "--batch-size", "8", "--optimizer", "adamw", "--loss", "weighted-ce"]  # fmt: skip
     tiles = ["--tile", "64", "--tile-margin", "16"]  # 96 px images: two tiles a side
-    assert main([*args, "--arch", "fracnet", "--crop", "48", "--mirror", *tiles]) == 0
+    turned = ["--rotation", "6"]
+    assert main([*args, "--arch", "fracnet", "--crop", "48", "--mirror", *tiles, *turned]) == 0
     manifest = Registry(tmp_path / "node" / "models").manifest("fracture-synth")
     assert manifest.architecture == "fracnet"
     assert manifest.training["crop_size"] == 48
     assert manifest.mirror is True and manifest.training["mirror"] is True
     assert (manifest.tile, manifest.tile_margin) == (64, 16) and manifest.training["tile"] == 64
+    assert manifest.rotation == 6.0 and manifest.training["rotation"] == 6.0
     # labels.csv names each fracture's type: the report of a synth data set breaks them down
     report = tmp_path / "node" / "reports" / f"fracture-synth-{manifest.version}" / "metrics.json"
     by_type = json.loads(report.read_text())["metrics"]["by_fracture_type"]
@@ -490,6 +496,9 @@ def test_cli_trains_fracnet_on_crops_of_synth_data(tmp_path: Path) -> None:
     # Tiles need such a network too, and must lie on its grid of 8 px cells.
     assert main([*args, "--arch", "resnet10", "--tile", "64"]) == 1
     assert main([*args, "--arch", "fracnet", "--crop", "48", "--tile", "60"]) == 1
+    # Rotated views too, and only small turns.
+    assert main([*args, "--arch", "resnet10", "--rotation", "6"]) == 1
+    assert main([*args, "--arch", "fracnet", "--crop", "48", "--rotation", "90"]) == 1
     assert main(["train", "--data-dir", str(tmp_path / "node"), "--data", str(root / "x"),
                  "--format", "synth", "--task", "fracture", "--crop", "48"]) == 1  # fmt: skip
 
@@ -507,6 +516,35 @@ def test_the_fracture_model_gets_what_is_left_of_the_demo_budget() -> None:
     assert fracture_minutes(plan, 3.5, 1.6) == pytest.approx(4.6)
     # never below the minimum, however slow the start
     assert fracture_minutes(plan, 9.0, 1.0) == plan.fracture_min_minutes
+
+
+def test_the_demo_keeps_rotated_views_only_where_training_keeps_its_time(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+    import time
+
+    from boneflow.models.registry import FRACTURE_LABELS
+    from boneflow.training.demo import _config, _fracture_budget
+
+    pixels = np.random.default_rng(0).integers(0, 256, (8, 64, 64), dtype=np.uint8)
+    images = ImageSet(pixels, np.array([0, 1] * 4), ("hand",) * 8, ("none",) * 8)
+    data = TaskData("fracture", FRACTURE_LABELS, ("hand",), images, images, images)
+    settings = Settings(data_dir=tmp_path)
+    plan = DemoPlan(fracture_size=64)
+    config = _config(plan, "fracture")
+    assert config.rotation == 6.0 and config.mirror
+    # 16 small images to score: the fracture model keeps its ceiling, and the views
+    kept = _fracture_budget(plan, config, data, settings, time.monotonic())
+    assert (kept.rotation, kept.max_minutes) == (6.0, plan.fracture_max_minutes)
+    # asked for more training than the views would leave: one view
+    slow = replace(plan, rotation_min_minutes=plan.fracture_max_minutes + 0.1)
+    with caplog.at_level(logging.INFO, logger="boneflow.training.demo"):
+        dropped = _fracture_budget(slow, config, data, settings, time.monotonic())
+    assert (dropped.rotation, dropped.max_minutes) == (0.0, plan.fracture_max_minutes)
+    assert dropped.mirror and "rotated views would leave" in caplog.text
+    # a plan without them never asks
+    assert _config(replace(plan, fracture_rotation=0.0), "fracture").rotation == 0.0
 
 
 def test_a_timed_training_bar_follows_the_clock_and_ends_full() -> None:

@@ -57,9 +57,12 @@ class DemoPlan:
     hard-negative mining after each epoch but the last) what is left, at most 7.5 min
     (6.75 before round 15). After its time limit come its whole-image scoring passes -
     the last epoch's validation (which calibration and the threshold reuse) and the test,
-    each image scored with its mirror image (``fracture_mirror``) - whose cost is measured
-    on this machine before training (:func:`~boneflow.training.engine.scoring_seconds`;
-    0.9-1.3 min for the 1180 images on the slow one), and ``final_minutes`` for the rest:
+    each image scored with its mirror image (``fracture_mirror``) and, where the machine
+    affords it, turned by +/- ``fracture_rotation`` degrees as well (three views: three
+    times the passes; kept when the fracture model still trains ``rotation_min_minutes``)
+    - whose cost is measured on this machine before training
+    (:func:`~boneflow.training.engine.scoring_seconds`; one view: 0.9-1.3 min for the 1180
+    images on the slow one, ~0.6 on AMX), and ``final_minutes`` for the rest:
     batch-norm re-estimation, calibration, report and registration. Both models follow a
     one-cycle schedule over their time limit (``schedule="timed"``), so a slower machine
     still ends annealed; a faster one stops after the epochs. The whole command is held to
@@ -78,7 +81,9 @@ class DemoPlan:
     router_architecture: str = "resnet10-slim"
     fracture_architecture: str = "fracnet"
     router_epochs: int = 3
-    fracture_epochs: int = 100  # a maximum: 2 idle cores manage ~12-21 (AVX2) to ~61 (AMX)
+    # a maximum (100 until round 16, when 2 AMX cores reached it in 6.9 of their 7.5 minutes):
+    # 2 idle cores manage ~12-21 epochs (AVX2) to ~105 (AMX); on a CPU the time decides
+    fracture_epochs: int = 300
     fracture_crop: int = 128
     batch_size: int = 32
     learning_rate: float = 3e-3
@@ -98,11 +103,18 @@ class DemoPlan:
     # more than a crop epoch on an AVX2 CPU, and the annealed last epoch was kept anyway)
     fracture_validate_from: float = 1.0
     fracture_hard_negatives: float = 0.5  # of the crops off the line: on mined false alarms
+    # > 0: draw more of the body parts whose crops the network finds hard (FitConfig.part_balance)
+    fracture_part_balance: float = 0.0
     fracture_mirror: bool = True  # score each image with its mirror image (since round 12)
     # > 0: score in tiles of this many px (networks.FractureNet); off: +0.002 and +0.005
     # ROC-AUC with 320 px tiles on two networks (round 13) do not pay for 1.6x the passes
     fracture_tile: int = 0
     fracture_tile_margin: int = 0
+    # > 0: also score each image turned by +/- this many degrees (FitConfig.rotation), when
+    # the fracture model still trains rotation_min_minutes with their passes reserved (round
+    # 16: +0.005 to +0.007 test ROC-AUC on each of three networks scored both ways, AMX)
+    fracture_rotation: float = 6.0
+    rotation_min_minutes: float = 6.0
 
     def fingerprint(self) -> str:
         """Identifies the synthetic data (same plan, same images)."""
@@ -167,18 +179,7 @@ def train_demo_models(
         ):
             config = _config(plan, task)
             if task == "fracture":
-                per_image = scoring_seconds(config, data.val, resolve_device(settings.device))
-                passes = per_image * (len(data.val) + len(data.test)) / 60
-                spent = (time.monotonic() - started) / 60
-                minutes = fracture_minutes(plan, spent, passes)
-                log.info(
-                    "fracture model: %.2f min to train, %.2f min reserved for its scoring "
-                    "passes (%.0f ms per image)",
-                    minutes,
-                    passes,
-                    per_image * 1000,
-                )
-                config = replace(config, max_minutes=minutes)
+                config = _fracture_budget(plan, config, data, settings, started)
             manifests.append(
                 train_and_register(
                     settings,
@@ -196,6 +197,42 @@ def train_demo_models(
                 )
             )
     return manifests
+
+
+def _fracture_budget(
+    plan: DemoPlan, config: FitConfig, data: TaskData, settings: Settings, started: float
+) -> FitConfig:
+    """The fracture model's time limit, and whether this machine can afford rotated views.
+
+    Its scoring passes (validation and test) are timed here first; with rotated views they
+    cost three times as much, so the views are kept only when the fracture model still
+    trains ``plan.rotation_min_minutes`` with them reserved (else one view: on a slow CPU
+    the training time buys more).
+    """
+    device = resolve_device(settings.device)
+    images = len(data.val) + len(data.test)
+    while True:
+        per_image = scoring_seconds(config, data.val, device)
+        passes = per_image * images / 60
+        spent = (time.monotonic() - started) / 60
+        minutes = fracture_minutes(plan, spent, passes)
+        if not config.rotation or minutes >= plan.rotation_min_minutes:
+            break
+        log.info(
+            "fracture model: rotated views would leave %.2f min to train (< %.2f): one view",
+            minutes,
+            plan.rotation_min_minutes,
+        )
+        config = replace(config, rotation=0.0)
+    log.info(
+        "fracture model: %.2f min to train, %.2f min reserved for its scoring passes "
+        "(%.0f ms per image%s)",
+        minutes,
+        passes,
+        per_image * 1000,
+        f", with views turned by +/-{config.rotation:g} degrees" if config.rotation else "",
+    )
+    return replace(config, max_minutes=minutes)
 
 
 def fracture_minutes(plan: DemoPlan, spent_minutes: float, passes_minutes: float = 0.0) -> float:
@@ -372,9 +409,11 @@ def _config(plan: DemoPlan, task: str) -> FitConfig:
         anatomy_weight=0.0 if router else plan.anatomy_weight,
         crop_size=0 if router else plan.fracture_crop,
         hard_negatives=0.0 if router else plan.fracture_hard_negatives,
+        part_balance=0.0 if router else plan.fracture_part_balance,
         mirror=not router and plan.fracture_mirror,
         tile=0 if router else plan.fracture_tile,
         tile_margin=0 if router else plan.fracture_tile_margin,
+        rotation=0.0 if router else plan.fracture_rotation,
         max_minutes=plan.router_max_minutes if router else plan.fracture_max_minutes,
         monitor="accuracy" if router else "auc",
     )

@@ -81,13 +81,7 @@ def test_tiled_scoring_maps_cover_the_image_and_follow_it_when_mirrored() -> Non
     set_tiles(network, 96, 16)  # 128 px: two tiles a side
     cam = FractureGradCAM(network, gradcam_layer("fracnet"))
     x = torch.rand(2, 1, 128, 128)
-    logits, maps = cam(x)
-    logits_flipped, maps_flipped = cam(x.flip(-1))
-    assert maps.shape == (2, 128, 128) and float(maps.max()) == pytest.approx(1.0)
-    with torch.inference_mode():
-        torch.testing.assert_close(logits, network(x), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(logits, logits_flipped, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(maps_flipped, maps.flip(-1), atol=1e-4, rtol=1e-3)
+    maps = _maps_following_the_mirror(cam, network, x, atol=1e-4)
     set_tiles(network, 0, 0)
     _, whole = cam(x)  # the whole image's map differs: the tiles limit each cell's context
     assert not torch.allclose(whole, maps, atol=1e-3)
@@ -130,16 +124,25 @@ def test_rotated_and_mirrored_views_maps_follow_the_image_when_it_is_mirrored() 
     set_rotation(network, 8.0)
     cam = FractureGradCAM(network, gradcam_layer("fracnet"))
     x = torch.rand(2, 1, 96, 96)
-    logits, maps = cam(x)
-    logits_flipped, maps_flipped = cam(x.flip(-1))
-    assert maps.shape == (2, 96, 96) and float(maps.max()) == pytest.approx(1.0)
-    with torch.inference_mode():
-        torch.testing.assert_close(logits, network(x), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(logits, logits_flipped, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(maps_flipped, maps.flip(-1), atol=1e-3, rtol=1e-3)
+    maps = _maps_following_the_mirror(cam, network, x, atol=1e-3)
     set_rotation(network, 0.0)
     _, unturned = cam(x)
     assert not torch.allclose(unturned, maps, atol=1e-3)
+
+
+def _maps_following_the_mirror(
+    cam: FractureGradCAM, network: torch.nn.Module, x: torch.Tensor, atol: float
+) -> torch.Tensor:
+    """The maps of ``x``, once its mirror image has been shown the same score and the
+    mirrored heat (a network with mirror scoring); the logits are the network's own."""
+    logits, maps = cam(x)
+    logits_flipped, maps_flipped = cam(x.flip(-1))
+    assert maps.shape == (x.shape[0], *x.shape[-2:]) and float(maps.max()) == pytest.approx(1.0)
+    with torch.inference_mode():
+        torch.testing.assert_close(logits, network(x), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits, logits_flipped, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(maps_flipped, maps.flip(-1), atol=atol, rtol=1e-3)
+    return maps
 
 
 def test_a_map_without_evidence_is_zero() -> None:

@@ -122,10 +122,11 @@ def test_mirror_scoring_averages_the_two_evidence_maps_before_pooling() -> None:
     torch.testing.assert_close(logits[:, 1], z, atol=1e-5, rtol=1e-5)
 
 
-def test_training_ignores_mirror_and_tiled_scoring_and_scans_can_switch_them_off() -> None:
+def test_training_ignores_mirror_rotated_and_tiled_scoring_and_scans_switch_them_off() -> None:
     torch.manual_seed(2)
     network = build_network("fracnet", 2)
     set_mirror(network, True)
+    set_rotation(network, 6.0)
     set_tiles(network, 48, 8)
     seen: list[tuple[int, int]] = []
     network.stem.register_forward_hook(lambda _m, i, _o: seen.append(i[0].shape[:3:2]))
@@ -137,9 +138,11 @@ def test_training_ignores_mirror_and_tiled_scoring_and_scans_can_switch_them_off
         with single_pass(network):
             network(torch.rand(2, 1, 64, 64))
         network(torch.rand(2, 1, 64, 64))
-    # training: the 2 images whole; eval: 4 rows (mirror) x 4 tiles of 48 px; the scan: 2
-    assert seen == [(2, 64), (16, 48), (2, 64), (16, 48)]
+    # training: the 2 images whole; eval: 12 rows (3 views, mirrored) x 4 tiles of 48 px;
+    # the scan: 2 again
+    assert seen == [(2, 64), (48, 48), (2, 64), (48, 48)]
     assert network.mirror and (network.tile, network.tile_margin) == (48, 8)
+    assert network.rotation == 6.0
 
 
 def test_only_fracnet_scores_mirror_images() -> None:
@@ -282,19 +285,9 @@ def test_rotated_views_average_the_log_odds_of_the_image_turned_both_ways() -> N
         torch.testing.assert_close(network(x.flip(-1)), logits, atol=1e-5, rtol=1e-5)
 
 
-def test_training_and_scans_ignore_rotated_views_and_passes_count_them() -> None:
+def test_scoring_passes_count_the_rotated_views() -> None:
     network = build_network("fracnet", 2)
     set_rotation(network, 6.0)
-    seen: list[int] = []
-    network.stem.register_forward_hook(lambda _m, i, _o: seen.append(int(i[0].shape[0])))
-    network.train()
-    network(torch.rand(2, 1, 64, 64)).sum().backward()
-    network.eval()
-    with torch.inference_mode():
-        network(torch.rand(2, 1, 64, 64))
-        with single_pass(network):
-            network(torch.rand(2, 1, 64, 64))
-    assert seen == [2, 6, 2] and network.rotation == 6.0
     cpu = torch.device("cpu")
     plain = build_network("fracnet", 2)
     # 2**21 pixels a pass: 8 images of 512 px scored once, 2 scored as three views

@@ -402,3 +402,7 @@ def test_training_gives_the_part_with_faint_lines_more_of_its_draws(tmp_path: Pa
     # without part_balance an epoch is a permutation, and nothing is logged
     plain = fit(replace(CONFIG, epochs=1), train, val, tmp_path / "plain", CPU)
     assert not any(k.startswith("weight_") for k in plain.history[0])
+    # whole images (no crops) are drawn and weighed by part the same way
+    whole = replace(CONFIG, crop_size=0, part_balance=0.5, epochs=2)
+    result = fit(whole, train, val, tmp_path / "whole", CPU)
+    assert {"weight_hand", "weight_humerus"} <= set(result.history[0])

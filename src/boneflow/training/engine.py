@@ -596,9 +596,8 @@ def _train_epoch(
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
             logits = network(batch).float()
         if balance is not None and balance.active:
-            balance.record(
-                chunk.body_parts, F.cross_entropy(logits.detach(), target, reduction="none")
-            )
+            parts = [chunk.body_parts[int(r)] for r in rows]
+            balance.record(parts, F.cross_entropy(logits.detach(), target, reduction="none"))
         if config.loss == "focal":
             loss = focal_loss(logits, target, weights)
         else:

@@ -351,6 +351,11 @@ def supports_mirror(architecture: str) -> bool:
     return spec is not None and spec.scoring_options
 
 
+def supports_rotation(architecture: str) -> bool:
+    """Whether the architecture can score an image as rotated views too."""
+    return supports_mirror(architecture)  # the same networks: evidence-map detectors
+
+
 def supports_tiles(architecture: str) -> bool:
     """Whether the architecture can score an image in tiles of limited context."""
     return supports_mirror(architecture)  # the same networks: evidence-map detectors
@@ -470,6 +475,7 @@ __all__ = [
     "set_tiles",
     "single_pass",
     "supports_mirror",
+    "supports_rotation",
     "supports_tiles",
     "tile_spans",
     "tiled_pixels",

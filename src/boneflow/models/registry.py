@@ -41,6 +41,7 @@ from boneflow.models.networks import (
     set_rotation,
     set_tiles,
     supports_mirror,
+    supports_rotation,
     supports_tiles,
 )
 
@@ -129,7 +130,7 @@ class ModelManifest:
         if self.tile and not (self.task == "fracture" and supports_tiles(self.architecture)):
             raise ValueError(f"{self.architecture} cannot score in tiles (tile: {self.tile})")
         check_tiles(self.tile, self.tile_margin)
-        if self.rotation and not (self.task == "fracture" and supports_mirror(self.architecture)):
+        if self.rotation and not (self.task == "fracture" and supports_rotation(self.architecture)):
             raise ValueError(
                 f"{self.architecture} cannot score rotated views (rotation: {self.rotation})"
             )

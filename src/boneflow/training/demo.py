@@ -211,19 +211,22 @@ def _fracture_budget(
     """
     device = resolve_device(settings.device)
     images = len(data.val) + len(data.test)
-    while True:
+
+    def budget(config: FitConfig) -> tuple[float, float, float]:
         per_image = scoring_seconds(config, data.val, device)
         passes = per_image * images / 60
         spent = (time.monotonic() - started) / 60
-        minutes = fracture_minutes(plan, spent, passes)
-        if not config.rotation or minutes >= plan.rotation_min_minutes:
-            break
+        return fracture_minutes(plan, spent, passes), passes, per_image
+
+    minutes, passes, per_image = budget(config)
+    if config.rotation and minutes < plan.rotation_min_minutes:
         log.info(
             "fracture model: rotated views would leave %.2f min to train (< %.2f): one view",
             minutes,
             plan.rotation_min_minutes,
         )
         config = replace(config, rotation=0.0)
+        minutes, passes, per_image = budget(config)
     log.info(
         "fracture model: %.2f min to train, %.2f min reserved for its scoring passes "
         "(%.0f ms per image%s)",

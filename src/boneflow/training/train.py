@@ -26,6 +26,7 @@ from boneflow.models.networks import (
     check_tiles,
     evidence_layer,
     supports_mirror,
+    supports_rotation,
     supports_tiles,
 )
 from boneflow.models.registry import (
@@ -186,7 +187,7 @@ def fit_config(
     except ValueError as exc:
         raise DatasetError(f"--tile {tile} --tile-margin {margin}: {exc}") from None
     rotation = options.rotation if task == "fracture" else 0.0
-    if rotation and not supports_mirror(architecture):
+    if rotation and not supports_rotation(architecture):
         raise DatasetError(
             f"--rotation needs a network that can score rotated views (fracnet), not {architecture}"
         )
